@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SNAKEMAKE := PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/snakemake
+CORES ?= 2
+
+.PHONY: setup sysdeps tiny demo test test-fast lint clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip uv
+	$(PY) -m pip install -q torch==2.13.0
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements/dev.txt -e . torch==2.13.0
+	touch $@
+
+# espeak-ng and sox synthesise the test speech (Debian packages; needs root or sudo).
+sysdeps:
+	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || { \
+	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng sox >/dev/null; }
+
+tiny: setup sysdeps
+	$(PY) -m emotion_neurons.tiny --out .tiny
+
+demo: tiny
+	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml --printshellcmds --show-failed-logs
+	@echo "Report: $$(pwd)/results/demo/report.html"
+
+test: setup sysdeps
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+	$(SNAKEMAKE) --lint --configfile config/demo.yaml
+
+clean-demo:
+	rm -rf results/demo results/cache .snakemake

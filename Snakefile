@@ -1,0 +1,21 @@
+# emotion-neurons: find and steer emotion-sensitive neurons in audio-language models.
+# Thin entry point: configuration and helpers live in workflow/rules/common.smk, one rule file per stage.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/filter.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        f"{RUN}/report.html",
+    default_target: True

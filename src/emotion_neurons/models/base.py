@@ -1,0 +1,164 @@
+"""The one interface every model adapter implements.
+
+An adapter knows how to load a model, turn audio + prompt into model inputs, generate, and where its decoder
+MLPs are. Everything hook-related (capture, intervention) is generic and lives in `emotion_neurons.hooks`;
+an adapter only names module regexes and the token ids that delimit spans.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..types import GenerationOutput, GenerationSettings, Instance
+
+#: Hook sites inside one SwiGLU MLP (METHOD.md section 2). Each maps to (submodule name, hook kind).
+#: "forward" hooks see/replace the submodule output; "pre" hooks see/replace its first input.
+SITE_SUBMODULES: dict[str, tuple[str, str]] = {
+    "gate": ("act_fn", "forward"),
+    "pre_act": ("gate_proj", "forward"),
+    "gated_product": ("down_proj", "pre"),
+}
+
+
+@dataclass
+class Prepared:
+    """Model inputs for one batch plus the span code of every prompt position.
+
+    `span_codes` is [B, T] int64 on the model's input device: index into `emotion_neurons.SPANS`
+    (0 audio, 1 text) for real positions, -1 for padding.
+    """
+
+    inputs: dict[str, Any]
+    span_codes: torch.Tensor
+    instances: list[Instance] = field(default_factory=list)
+
+
+@dataclass
+class LayerSite:
+    layer: int
+    name: str  # full module name in named_modules()
+    module: torch.nn.Module
+    kind: str  # "forward" | "pre"
+
+
+class ModelAdapter(ABC):
+    """Base class. Subclasses set the class attributes and implement the abstract methods."""
+
+    #: registry name used in config.yaml (`model.adapter`)
+    name: str = ""
+    #: tasks this model supports ("evc" needs speech output)
+    tasks: tuple[str, ...] = ("ser",)
+    #: sample rate the model's audio encoder expects
+    input_sample_rate: int = 16000
+    #: component -> regex matching the full names of that component's decoder MLP modules; group 1 = layer index
+    components: dict[str, str] = {}
+    #: whether left-padded batched generation is supported
+    supports_batching: bool = True
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.device: torch.device = torch.device("cpu")
+
+    # -- loading -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, model_id: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> None:
+        """Load weights from a hub id or a local directory; set `self.model` and `self.device`."""
+
+    # -- inputs / generation -------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, instances: list[Instance], audios: list[np.ndarray]) -> Prepared:
+        """Build left-padded batch inputs; audios are mono float32 at `input_sample_rate`."""
+
+    @abstractmethod
+    def generate(self, prepared: Prepared, settings: GenerationSettings) -> list[GenerationOutput]:
+        """Generate for a prepared batch (greedy unless settings say otherwise)."""
+
+    @abstractmethod
+    def decoder_root(self, component: str) -> torch.nn.Module:
+        """Module whose forward receives `input_ids` for every step of `component`'s generation.
+
+        The span tracker puts a forward pre-hook on it to learn, per call, which positions are prompt,
+        generated or padding, without host synchronisation.
+        """
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a generated sequence of the hooked component (EOS / end-of-turn)."""
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None
+
+    # -- hook sites ----------------------------------------------------------------------------------------
+    def resolve_sites(self, component: str = "thinker", site: str = "gate") -> list[LayerSite]:
+        """Resolve hook modules by regex over `named_modules()`, ordered by layer index."""
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+        if component not in self.components:
+            raise KeyError(f"component {component!r} not available for {self.name}; have {sorted(self.components)}")
+        if site not in SITE_SUBMODULES:
+            raise KeyError(f"hook_site {site!r} unknown; expected one of {sorted(SITE_SUBMODULES)}")
+        sub, kind = SITE_SUBMODULES[site]
+        pattern = re.compile(self.components[component].rstrip("$") + r"\." + re.escape(sub) + "$")
+        found: dict[int, LayerSite] = {}
+        seen_ids: dict[int, str] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            m = pattern.match(name)
+            if not m:
+                continue
+            layer = int(m.group(1))
+            if id(module) in seen_ids:
+                raise RuntimeError(
+                    f"module {name} is shared with {seen_ids[id(module)]}; per-layer hooks would be ambiguous"
+                )
+            seen_ids[id(module)] = name
+            found[layer] = LayerSite(layer, name, module, kind)
+        if not found:
+            raise RuntimeError(
+                f"no module of {self.name} matches {pattern.pattern!r} (component={component}, site={site})"
+            )
+        layers = sorted(found)
+        if layers != list(range(len(layers))):
+            raise RuntimeError(f"layer indices of {pattern.pattern!r} are not contiguous: {layers}")
+        return [found[i] for i in layers]
+
+    def n_neurons(self, component: str = "thinker") -> int:
+        sites = self.resolve_sites(component, "pre_act")
+        return int(sites[0].module.out_features)
+
+    def device_map(self) -> dict[str, str]:
+        """Which device holds which module (recorded in store attributes for multi-GPU runs)."""
+        hf_map = getattr(self.model, "hf_device_map", None)
+        if hf_map:
+            return {k: str(v) for k, v in hf_map.items()}
+        return {"": str(self.device)}
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    def span_codes_from_ids(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_ids: list[int]
+    ) -> torch.Tensor:
+        """0 for audio placeholder positions, 1 for other prompt positions, -1 for padding."""
+        is_audio = torch.isin(input_ids, torch.tensor(audio_token_ids, device=input_ids.device))
+        codes = torch.where(is_audio, 0, 1)
+        return torch.where(attention_mask.bool(), codes, -1).long()
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available; a node without GPUs runs everything on CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

@@ -1,0 +1,52 @@
+"""Stage 4c: metrics tables (TSV) from all judged evaluation outputs of one task."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from . import metrics
+from .config import load_params
+from .filter import decide
+from .io import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+
+def summarize(task: str, judged: pd.DataFrame, wer_max: float | None, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
+    """Name -> table. EVC: summary and bootstrap deltas; SER: summary, change matrix and SE/ACE/ESS."""
+    df = judged[judged["status"].eq("ok")].copy()
+    df = decide(df, task, wer_max)
+    if task == "evc":
+        summary = metrics.evc_summary(df)
+        deltas = metrics.evc_deltas(df, n_boot=n_boot, seed=seed)
+        return {"summary": summary, "deltas": deltas}
+    df["mask_emotion"] = df["mask_emotion"].fillna("").astype(str)
+    summary = metrics.ser_summary(df)
+    change, effects = metrics.ser_effects(df)
+    return {"summary": summary, "change": change, "effects": effects}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Stage 4c: evaluation metrics")
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--judged", nargs="+", required=True)
+    ap.add_argument("--outdir", required=True)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    p = load_params(a.params)
+    judged = pd.concat([read_table(x) for x in a.judged], ignore_index=True)
+    tables = summarize(p["task"], judged, p.get("wer_max"), int(p.get("bootstrap", 1000)), int(p.get("seed", 0)))
+    out = Path(a.outdir)
+    for name, df in tables.items():
+        write_table(out / f"{name}.tsv", df)
+    log.info("wrote %s", sorted(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

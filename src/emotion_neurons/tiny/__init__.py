@@ -1,0 +1,1 @@
+"""Embedded tiny setup (random tiny models of the real classes, synthetic corpus)."""

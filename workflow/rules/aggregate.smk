@@ -1,0 +1,30 @@
+# Stage 3: per-emotion activation statistics of the kept instances (CPU).
+
+
+rule aggregate:
+    input:
+        kept=f"{RUN}/{{task}}/filter/kept.tsv",
+        shards=lambda wc: shard_dirs(wc.task),
+    output:
+        directory(f"{RUN}/{{task}}/aggregate.zarr"),
+    params:
+        p=lambda wc: dumps(
+            {
+                "task": wc.task,
+                "emotions": emotions(wc.task),
+                "spans": config["aggregate"]["spans"],
+                "code": code_version("aggregate"),
+            }
+        ),
+        stores=lambda wc, input: " ".join(f"{d}/stats.zarr" for d in input.shards),
+    log:
+        f"{RUN}/{{task}}/logs/aggregate.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/aggregate.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{PY}.aggregate --params {params.p:q} --kept {input.kept} --stores {params.stores} "
+        "--out {output} > {log} 2>&1"

@@ -1,0 +1,96 @@
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from emotion_neurons import conditions as _cond  # noqa: E402
+from emotion_neurons.config import (  # noqa: E402
+    code_version,
+    dumps,
+    stage1_identity,
+    stage1_key,
+    task_dataset,
+)
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RUN = f"results/{config['run_name']}"
+CACHE = "results/cache/stage1"
+PY = "PYTHONPATH=src python -m emotion_neurons"
+TASKS = [t for t, c in config["tasks"].items() if c.get("enabled", True)]
+for _t in TASKS:
+    task_dataset(config, _t)
+KEYS = {t: stage1_key(config, t) for t in TASKS}
+KEY2TASK = {k: t for t, k in KEYS.items()}
+
+
+wildcard_constraints:
+    task="|".join(TASKS) or "none",
+    shard=r"\d+",
+    n=r"\d+",
+    key="|".join(KEYS.values()) or "none",
+    mask=r"[a-z]+-r[0-9.e-]+(-s\d+)?",
+    condition=r"[A-Za-z0-9_.-]+",
+
+
+def emotions(task):
+    tcfg = config["tasks"][task]
+    return tcfg["target_emotions"] if task == "evc" else tcfg["labels"]
+
+
+def n_shards(task):
+    return int(config["tasks"][task].get("shards", 1))
+
+
+def n_eval_shards():
+    return int(config["evaluate"].get("shards", 1))
+
+
+def stage1_dir(task):
+    return f"{CACHE}/{KEYS[task]}"
+
+
+def shard_dirs(task):
+    n = n_shards(task)
+    return [f"{stage1_dir(task)}/shard-{i}-of-{n}" for i in range(n)]
+
+
+def conditions(task):
+    return _cond.grid(config["select"], config["evaluate"])
+
+
+def condition(task, cid):
+    return _cond.by_id(config["select"], config["evaluate"])[cid]
+
+
+def model_params():
+    return {k: v for k, v in config["model"].items() if k != "batch_size"}
+
+
+def stage1_params(task):
+    ident = stage1_identity(config, task)
+    return dumps({**ident, "model": model_params()})
+
+
+def judge_params(task, cond=None):
+    return dumps(
+        {
+            "task": task,
+            "judges": config["judges"] if task == "evc" else {},
+            "labels": emotions(task),
+            "condition": cond,
+            "code": code_version("judge"),
+        }
+    )
+
+
+def mem_mb(base):
+    """Attempt-scaled memory: an OOM-killed job is retried with more."""
+
+    def f(wildcards, attempt):
+        return base * attempt
+
+    return f

@@ -1,0 +1,51 @@
+# Stage 2: judge identification outputs, then keep c successes per emotion.
+
+
+rule judge_ident:
+    input:
+        lambda wc: f"{stage1_dir(wc.task)}/shard-{wc.shard}-of-{n_shards(wc.task)}",
+    output:
+        f"{RUN}/{{task}}/ident_judged/shard-{{shard}}.tsv",
+    params:
+        p=lambda wc: judge_params(wc.task),
+    log:
+        f"{RUN}/{{task}}/logs/judge_ident-{{shard}}.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/judge_ident-{{shard}}.tsv"
+    resources:
+        mem_mb=mem_mb(16000),
+        runtime=120,
+        gpu_job=1,
+    retries: 1
+    conda:
+        "../../envs/judges.yaml"
+    shell:
+        "{PY}.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+
+
+rule filter:
+    input:
+        lambda wc: expand(
+            f"{RUN}/{wc.task}/ident_judged/shard-{{i}}.tsv", i=range(n_shards(wc.task))
+        ),
+    output:
+        kept=f"{RUN}/{{task}}/filter/kept.tsv",
+        summary=f"{RUN}/{{task}}/filter/summary.tsv",
+    params:
+        p=lambda wc: dumps(
+            {
+                "task": wc.task,
+                "filter": config["filter"],
+                "emotions": emotions(wc.task),
+                "code": code_version("filter"),
+            }
+        ),
+    log:
+        f"{RUN}/{{task}}/logs/filter.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/filter.tsv"
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{PY}.filter --params {params.p:q} --judged {input} --kept {output.kept} "
+        "--summary {output.summary} > {log} 2>&1"

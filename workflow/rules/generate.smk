@@ -1,0 +1,49 @@
+# Stage 0 (prepare instances) and stage 1 (generate with activation capture), cached by stage-1 identity.
+
+
+rule prepare:
+    output:
+        manifest=f"{CACHE}/{{key}}/instances.jsonl",
+        bad=f"{CACHE}/{{key}}/bad_audio.tsv",
+    params:
+        p=lambda wc: dumps(
+            {
+                "task": KEY2TASK[wc.key],
+                "task_cfg": config["tasks"][KEY2TASK[wc.key]],
+                "dataset": task_dataset(config, KEY2TASK[wc.key]),
+                "data": config["data"],
+                "code": code_version("prepare"),
+            }
+        ),
+    log:
+        f"{CACHE}/{{key}}/logs/prepare.log",
+    benchmark:
+        f"{CACHE}/{{key}}/benchmarks/prepare.tsv"
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{PY}.data --params {params.p:q} --out {output.manifest} --bad {output.bad} > {log} 2>&1"
+
+
+rule generate:
+    input:
+        manifest=f"{CACHE}/{{key}}/instances.jsonl",
+    output:
+        directory(f"{CACHE}/{{key}}/shard-{{shard}}-of-{{n}}"),
+    params:
+        p=lambda wc: stage1_params(KEY2TASK[wc.key]),
+    log:
+        f"{CACHE}/{{key}}/logs/generate-{{shard}}-of-{{n}}.log",
+    benchmark:
+        f"{CACHE}/{{key}}/benchmarks/generate-{{shard}}-of-{{n}}.tsv"
+    resources:
+        mem_mb=mem_mb(32000),
+        runtime=240,
+        gpu_job=1,
+        batch_size=config["model"].get("batch_size", 1),
+    retries: 1
+    conda:
+        "../../envs/models-tf5.yaml"
+    shell:
+        "{PY}.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
+        "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1"
