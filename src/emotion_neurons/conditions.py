@@ -33,7 +33,9 @@ def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> list[dict[str,
         for iv in eval_cfg["interventions"]:
             alphas = [1.0] if iv == "deactivate" else [float(a) for a in eval_cfg["alpha"]]
             for a in alphas:
-                cid = f"{m['mask']}-{iv}" + (f"-a{a:g}" if iv == "steer" else "")
+                cid = f"{m['selector']}-r{m['r']:g}-{iv}" + (f"-a{a:g}" if iv == "steer" else "")
+                if m["selector"] == "random":  # seed last, as metrics.average_random expects
+                    cid += f"-s{m['mask_seed']}"
                 out.append({**m, "condition": cid, "intervention": iv, "alpha": a})
     ids = [c["condition"] for c in out]
     if len(ids) != len(set(ids)):
