@@ -16,6 +16,6 @@ include: "workflow/rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{RUN}/report.html",
-    default_target: True

@@ -6,6 +6,7 @@ rule exactly when that subset (or the code it runs, see `code_version`) changes.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from pathlib import Path
@@ -13,29 +14,85 @@ from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-#: Modules each stage executes (beyond the package basics). A change to any of them re-runs that stage.
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "prepare": ("data.py", "prompts.py", "io.py", "types.py"),
-    "generate": ("generate.py", "hooks.py", "stats.py", "io.py", "types.py", "models/"),
-    "judge": ("judge.py", "judges.py", "prompts.py", "io.py", "types.py"),
-    "filter": ("filter.py", "io.py"),
-    "aggregate": ("aggregate.py", "stats.py", "io.py"),
-    "select": ("masks.py", "selectors.py", "stats.py", "io.py"),
-    "evaluate": ("generate.py", "hooks.py", "io.py", "types.py", "models/", "selectors.py", "conditions.py"),
-    "metrics": ("summarize.py", "metrics.py", "io.py", "conditions.py"),
-    "report": ("report.py", "selectors.py", "io.py"),
+#: Entry module of each stage (`python -m emotion_neurons.<module>`).
+STAGE_ENTRY: dict[str, str] = {
+    "prepare": "data",
+    "generate": "generate",
+    "judge": "judge",
+    "filter": "filter",
+    "aggregate": "aggregate",
+    "select": "masks",
+    "evaluate": "evaluate",
+    "metrics": "summarize",
+    "report": "report",
 }
 
 
-def code_version(stage: str) -> str:
+def _module_file(name: str) -> Path | None:
+    rel = PACKAGE_DIR.joinpath(*name.split("."))
+    for cand in (rel.with_suffix(".py"), rel / "__init__.py"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _package_imports(path: Path) -> set[Path]:
+    """Package-internal modules imported anywhere in `path` (lazy imports inside functions included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pkg = path.parent.relative_to(PACKAGE_DIR).parts
+    found: set[Path] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = list(pkg[: len(pkg) - node.level + 1]) if node.level > 1 else list(pkg)
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [mod] if node.module else []
+            names += [f"{mod}.{a.name}" if mod else a.name for a in node.names]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            full = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            names = [n.split(".", 1)[1] for n in full if n.startswith("emotion_neurons.")]
+        else:
+            continue
+        for n in names:
+            f = _module_file(n) if n else None
+            if f is not None:
+                found.add(f)
+    return found
+
+
+def _adapter_files(adapter: str | None) -> list[Path]:
+    models = PACKAGE_DIR / "models"
+    if adapter is None:
+        return sorted(models.glob("*.py"))
+    from .models import entry
+
+    return [_module_file(entry(adapter).target.split(":")[0].split(".", 1)[1])]
+
+
+def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
+    """Transitive closure of the package files a stage imports.
+
+    Adapters are imported by name at run time: with `adapter` set only that adapter's module counts, so
+    editing one model's adapter never re-runs another model's jobs.
+    """
+    todo = [_module_file(STAGE_ENTRY[stage]), PACKAGE_DIR / "__init__.py"]
+    seen: set[Path] = set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        todo.extend(_package_imports(f))
+        if f == PACKAGE_DIR / "models" / "__init__.py":
+            todo.extend(_adapter_files(adapter))
+    return sorted(seen)
+
+
+def code_version(stage: str, adapter: str | None = None) -> str:
     """Hash of the source files a stage runs (Snakemake does not see imported modules on its own)."""
     h = hashlib.sha256()
-    for rel in ("__init__.py", "config.py", *STAGE_MODULES[stage]):
-        p = PACKAGE_DIR / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(PACKAGE_DIR)).encode())
-            h.update(f.read_bytes())
+    for f in stage_files(stage, adapter):
+        h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -75,7 +132,7 @@ def stage1_identity(config: dict[str, Any], task: str) -> dict[str, Any]:
         "component": config["component"],
         "hook_site": config["hook_site"],
         "capture": config["capture"],
-        "code": code_version("generate"),
+        "code": code_version("generate", config["model"]["adapter"]),
         "prepare_code": code_version("prepare"),
     }
 

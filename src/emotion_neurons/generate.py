@@ -75,7 +75,7 @@ def run(
     from .stats import InstanceStatsWriter
 
     sites = adapter.resolve_sites(component, site)
-    tracker = SpanTracker(adapter.stop_token_ids)
+    tracker = SpanTracker(adapter.component_stop_token_ids(component))
     root = adapter.decoder_root(component)
 
     audios: dict[str, np.ndarray] = {}
@@ -97,7 +97,7 @@ def run(
         n_neurons = int(sites[0].module.out_features) if site == "pre_act" else adapter.n_neurons(component)
         attrs = {
             "model_version": __version__,
-            "code_version": code_version("generate"),
+            "code_version": code_version("generate", getattr(adapter, "name", None) or None),
             "component": component,
             "hook_site": site,
             "device_map": adapter.device_map(),
@@ -118,7 +118,7 @@ def run(
                 batch = good[b0 : b0 + bs]
                 t0 = time.perf_counter()
                 prepared = adapter.prepare(batch, [audios[i.wav] for i in batch])
-                tracker.start(prepared.span_codes)
+                tracker.start(adapter.prefill_span_codes(component, prepared))
                 if rec is not None:
                     rec.reset(len(batch))
                 if iv is not None:

@@ -60,6 +60,7 @@ class EvcJudge:
             compute_type=acfg.get("compute_type", "default"),
             language=acfg.get("language"),
             beam_size=int(acfg.get("beam_size", 5)),
+            max_new_tokens=acfg.get("max_new_tokens"),
         )
 
     def __call__(self, outputs: pd.DataFrame, base_dir: Path) -> pd.DataFrame:

@@ -36,32 +36,42 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return df.to_html(index=False, float_format=lambda x: floatfmt.format(x), border=0, classes="t")
 
 
+def condition_label(df: pd.DataFrame) -> pd.Series:
+    """Readable condition name from the setting columns (random masks averaged over seeds have no seed)."""
+    alpha = df["alpha"].map(lambda a: f"{float(a):g}")
+    label = df["selector"].astype(str) + " r=" + df["r"].map(lambda r: f"{float(r):g}") + " " + df["intervention"]
+    return label.where(df["intervention"] != "steer", label + " a=" + alpha)
+
+
 def selector_plot(task: str, tables: dict[str, pd.DataFrame]) -> str:
-    """EVC: change of target accuracy vs baseline (95% CI). SER: specificity ESS = SE - ACE (mean over emotions)."""
+    """EVC: change of target accuracy vs baseline (95% CI). SER: specificity ESS = SE - ACE (mean over emotions).
+
+    Random masks appear once, as the mean over their seeds.
+    """
     if task == "evc":
-        d = tables["deltas"]
+        d = tables.get("deltas_by_selector", tables.get("deltas"))
         d = d[(d["target"] == "all") & (d["metric"] == "target_acc")]
         if d.empty:
             return "<p>no deltas</p>"
-        d = d.groupby("condition", as_index=False)[["delta", "ci_lo", "ci_hi"]].mean()
+        d = d.assign(label=condition_label(d))
         y, lo, hi, label = d["delta"] * 100, d["ci_lo"] * 100, d["ci_hi"] * 100, "Δ target-emotion accuracy (points)"
     else:
-        e = tables["effects"]
-        e = e[e["mask_emotion"] == "mean"] if "mask_emotion" in e else e
+        e = tables.get("effects_by_selector", tables.get("effects"))
+        e = e[e["mask_emotion"] == "mean"]
         if e.empty:
             return "<p>no effects</p>"
-        d = e.groupby("condition", as_index=False)["ESS"].mean()
+        d = e.assign(label=condition_label(e))
         y, lo, hi, label = d["ESS"], None, None, "ESS = SE - ACE (points)"
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(d) + 2), 3.2))
     x = np.arange(len(d))
-    colors = ["#888" if c.startswith("random") else "#1f77b4" for c in d["condition"]]
+    colors = ["#888" if c.startswith("random") else "#1f77b4" for c in d["label"]]
     ax.bar(x, y, color=colors)
     if lo is not None:
         ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor="k", capsize=3, lw=1)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x, d["condition"], rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(x, d["label"], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(label)
-    ax.set_title(f"{task.upper()}: selector comparison (grey = random masks)")
+    ax.set_title(f"{task.upper()}: selector comparison (grey = random masks, mean over seeds)")
     return _png(fig)
 
 

@@ -24,11 +24,14 @@ def summarize(task: str, judged: pd.DataFrame, wer_max: float | None, n_boot: in
     if task == "evc":
         summary = metrics.evc_summary(df)
         deltas = metrics.evc_deltas(df, n_boot=n_boot, seed=seed)
-        return {"summary": summary, "deltas": deltas}
+        # random masks reported as the mean over their seeds (METHOD.md section 4)
+        by_sel = metrics.average_random(deltas, ["value", "baseline", "delta", "ci_lo", "ci_hi"])
+        return {"summary": summary, "deltas": deltas, "deltas_by_selector": by_sel}
     df["mask_emotion"] = df["mask_emotion"].fillna("").astype(str)
     summary = metrics.ser_summary(df)
     change, effects = metrics.ser_effects(df)
-    return {"summary": summary, "change": change, "effects": effects}
+    by_sel = metrics.average_random(effects, ["SE", "ACE", "ESS"])
+    return {"summary": summary, "change": change, "effects": effects, "effects_by_selector": by_sel}
 
 
 def main(argv: list[str] | None = None) -> int:

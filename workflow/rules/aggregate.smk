@@ -7,6 +7,14 @@ rule aggregate:
         shards=lambda wc: shard_dirs(wc.task),
     output:
         directory(f"{RUN}/{{task}}/aggregate.zarr"),
+    log:
+        f"{RUN}/{{task}}/logs/aggregate.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/aggregate.tsv"
+    conda:
+        "../../envs/core.yaml"
+    resources:
+        mem_mb=mem_mb(8000),
     params:
         p=lambda wc: dumps(
             {
@@ -17,14 +25,6 @@ rule aggregate:
             }
         ),
         stores=lambda wc, input: " ".join(f"{d}/stats.zarr" for d in input.shards),
-    log:
-        f"{RUN}/{{task}}/logs/aggregate.log",
-    benchmark:
-        f"{RUN}/{{task}}/benchmarks/aggregate.tsv"
-    resources:
-        mem_mb=mem_mb(8000),
-    conda:
-        "../../envs/core.yaml"
     shell:
-        "{PY}.aggregate --params {params.p:q} --kept {input.kept} --stores {params.stores} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.aggregate --params {params.p:q} --kept {input.kept} --stores {params.stores} "
         "--out {output} > {log} 2>&1"

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
+from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
     code_version,
     dumps,
@@ -14,17 +16,26 @@ from emotion_neurons.config import (  # noqa: E402
     task_dataset,
 )
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUN = f"results/{config['run_name']}"
 CACHE = "results/cache/stage1"
-PY = "PYTHONPATH=src python -m emotion_neurons"
+# rules run `python -m emotion_neurons.<stage>` from this checkout (also inside cluster jobs, which re-read
+# this file), so an edit to the package is what runs without reinstalling
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p
+        for p in (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH", ""))
+        if p
+    )
+)
 TASKS = [t for t, c in config["tasks"].items() if c.get("enabled", True)]
 for _t in TASKS:
     task_dataset(config, _t)
 KEYS = {t: stage1_key(config, t) for t in TASKS}
 KEY2TASK = {k: t for t, k in KEYS.items()}
+# environment of the model family (used by the GPU rules' conda: directive)
+MODEL_ENV = f"../../envs/{_adapter_entry(config['model']['adapter']).env}.yaml"
 
 
 wildcard_constraints:
@@ -94,3 +105,30 @@ def mem_mb(base):
         return base * attempt
 
     return f
+
+
+def eval_inputs(wc):
+    cond = condition(wc.task, wc.condition)
+    inputs = {"manifest": f"{stage1_dir(wc.task)}/instances.jsonl"}
+    if cond["mask"]:
+        inputs["mask"] = f"{RUN}/{wc.task}/masks/{cond['mask']}.safetensors"
+    return inputs
+
+
+def eval_params(wc):
+    return dumps(
+        {
+            "task": wc.task,
+            "condition": condition(wc.task, wc.condition),
+            "model": model_params(),
+            "task_cfg": config["tasks"][wc.task],
+            "data": config["data"],
+            "eval": {
+                k: config["evaluate"].get(k)
+                for k in ("positions", "max_instances_per_shard")
+            },
+            "component": config["component"],
+            "hook_site": config["hook_site"],
+            "code": code_version("evaluate", config["model"]["adapter"]),
+        }
+    )

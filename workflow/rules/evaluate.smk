@@ -7,10 +7,18 @@ rule select:
     output:
         mask=f"{RUN}/{{task}}/masks/{{mask}}.safetensors",
         meta=f"{RUN}/{{task}}/masks/{{mask}}.json",
+    log:
+        f"{RUN}/{{task}}/logs/select-{{mask}}.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/select-{{mask}}.tsv"
+    conda:
+        "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
-                **next(m for m in _cond.masks(config["select"]) if m["mask"] == wc.mask),
+                **next(
+                    m for m in _cond.masks(config["select"]) if m["mask"] == wc.mask
+                ),
                 **{
                     k: config["select"].get(k)
                     for k in ("scope", "lape_quantile", "mad_signed")
@@ -18,66 +26,33 @@ rule select:
                 "code": code_version("select"),
             }
         ),
-    log:
-        f"{RUN}/{{task}}/logs/select-{{mask}}.log",
-    benchmark:
-        f"{RUN}/{{task}}/benchmarks/select-{{mask}}.tsv"
-    conda:
-        "../../envs/core.yaml"
     shell:
-        "{PY}.masks --params {params.p:q} --aggregate {input} --out {output.mask} > {log} 2>&1"
-
-
-def _eval_inputs(wc):
-    cond = condition(wc.task, wc.condition)
-    inputs = {"manifest": f"{stage1_dir(wc.task)}/instances.jsonl"}
-    if cond["mask"]:
-        inputs["mask"] = f"{RUN}/{wc.task}/masks/{cond['mask']}.safetensors"
-    return inputs
-
-
-def _eval_params(wc):
-    return dumps(
-        {
-            "task": wc.task,
-            "condition": condition(wc.task, wc.condition),
-            "model": model_params(),
-            "task_cfg": config["tasks"][wc.task],
-            "data": config["data"],
-            "eval": {
-                k: config["evaluate"].get(k)
-                for k in ("positions", "max_instances_per_shard")
-            },
-            "component": config["component"],
-            "hook_site": config["hook_site"],
-            "code": code_version("evaluate"),
-        }
-    )
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.masks --params {params.p:q} --aggregate {input} --out {output.mask} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        unpack(_eval_inputs),
+        unpack(eval_inputs),
     output:
         directory(f"{RUN}/{{task}}/eval/{{condition}}/shard-{{shard}}"),
-    params:
-        p=_eval_params,
-        n=n_eval_shards(),
-        mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     log:
         f"{RUN}/{{task}}/logs/evaluate-{{condition}}-{{shard}}.log",
     benchmark:
         f"{RUN}/{{task}}/benchmarks/evaluate-{{condition}}-{{shard}}.tsv"
+    retries: 1
+    conda:
+        MODEL_ENV
     resources:
         mem_mb=mem_mb(32000),
         runtime=240,
         gpu_job=1,
         batch_size=config["model"].get("batch_size", 1),
-    retries: 1
-    conda:
-        "../../envs/models-tf5.yaml"
+    params:
+        p=eval_params,
+        n=n_eval_shards(),
+        mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     shell:
-        "{PY}.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
         "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
         "--out {output} > {log} 2>&1"
 
@@ -87,28 +62,24 @@ rule judge_eval:
         f"{RUN}/{{task}}/eval/{{condition}}/shard-{{shard}}",
     output:
         f"{RUN}/{{task}}/eval/{{condition}}/judged-{{shard}}.tsv",
-    params:
-        p=lambda wc: judge_params(
-            wc.task,
-            {
-                k: v
-                for k, v in condition(wc.task, wc.condition).items()
-                if k != "mask"
-            },
-        ),
     log:
         f"{RUN}/{{task}}/logs/judge_eval-{{condition}}-{{shard}}.log",
     benchmark:
         f"{RUN}/{{task}}/benchmarks/judge_eval-{{condition}}-{{shard}}.tsv"
+    retries: 1
+    conda:
+        "../../envs/judges.yaml"
     resources:
         mem_mb=mem_mb(16000),
         runtime=120,
         gpu_job=1,
-    retries: 1
-    conda:
-        "../../envs/judges.yaml"
+    params:
+        p=lambda wc: judge_params(
+            wc.task,
+            {k: v for k, v in condition(wc.task, wc.condition).items() if k != "mask"},
+        ),
     shell:
-        "{PY}.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
 
 
 rule metrics:
@@ -120,6 +91,12 @@ rule metrics:
         ],
     output:
         directory(f"{RUN}/{{task}}/metrics"),
+    log:
+        f"{RUN}/{{task}}/logs/metrics.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/metrics.tsv"
+    conda:
+        "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
@@ -130,14 +107,8 @@ rule metrics:
                 "code": code_version("metrics"),
             }
         ),
-    log:
-        f"{RUN}/{{task}}/logs/metrics.log",
-    benchmark:
-        f"{RUN}/{{task}}/benchmarks/metrics.tsv"
-    conda:
-        "../../envs/core.yaml"
     shell:
-        "{PY}.summarize --params {params.p:q} --judged {input} --outdir {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.summarize --params {params.p:q} --judged {input} --outdir {output} > {log} 2>&1"
 
 
 rule report:
@@ -151,6 +122,12 @@ rule report:
         ],
     output:
         f"{RUN}/report.html",
+    log:
+        f"{RUN}/logs/report.log",
+    benchmark:
+        f"{RUN}/benchmarks/report.tsv"
+    conda:
+        "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
@@ -161,11 +138,5 @@ rule report:
                 "code": code_version("report"),
             }
         ),
-    log:
-        f"{RUN}/logs/report.log",
-    benchmark:
-        f"{RUN}/benchmarks/report.tsv"
-    conda:
-        "../../envs/core.yaml"
     shell:
-        "{PY}.report --params {params.p:q} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.report --params {params.p:q} --out {output} > {log} 2>&1"

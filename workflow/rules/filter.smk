@@ -6,21 +6,21 @@ rule judge_ident:
         lambda wc: f"{stage1_dir(wc.task)}/shard-{wc.shard}-of-{n_shards(wc.task)}",
     output:
         f"{RUN}/{{task}}/ident_judged/shard-{{shard}}.tsv",
-    params:
-        p=lambda wc: judge_params(wc.task),
     log:
         f"{RUN}/{{task}}/logs/judge_ident-{{shard}}.log",
     benchmark:
         f"{RUN}/{{task}}/benchmarks/judge_ident-{{shard}}.tsv"
+    retries: 1
+    conda:
+        "../../envs/judges.yaml"
     resources:
         mem_mb=mem_mb(16000),
         runtime=120,
         gpu_job=1,
-    retries: 1
-    conda:
-        "../../envs/judges.yaml"
+    params:
+        p=lambda wc: judge_params(wc.task),
     shell:
-        "{PY}.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
 
 
 rule filter:
@@ -31,6 +31,12 @@ rule filter:
     output:
         kept=f"{RUN}/{{task}}/filter/kept.tsv",
         summary=f"{RUN}/{{task}}/filter/summary.tsv",
+    log:
+        f"{RUN}/{{task}}/logs/filter.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/filter.tsv"
+    conda:
+        "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
@@ -40,12 +46,6 @@ rule filter:
                 "code": code_version("filter"),
             }
         ),
-    log:
-        f"{RUN}/{{task}}/logs/filter.log",
-    benchmark:
-        f"{RUN}/{{task}}/benchmarks/filter.tsv"
-    conda:
-        "../../envs/core.yaml"
     shell:
-        "{PY}.filter --params {params.p:q} --judged {input} --kept {output.kept} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.filter --params {params.p:q} --judged {input} --kept {output.kept} "
         "--summary {output.summary} > {log} 2>&1"

@@ -5,6 +5,12 @@ rule prepare:
     output:
         manifest=f"{CACHE}/{{key}}/instances.jsonl",
         bad=f"{CACHE}/{{key}}/bad_audio.tsv",
+    log:
+        f"{CACHE}/{{key}}/logs/prepare.log",
+    benchmark:
+        f"{CACHE}/{{key}}/benchmarks/prepare.tsv"
+    conda:
+        "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
@@ -15,14 +21,8 @@ rule prepare:
                 "code": code_version("prepare"),
             }
         ),
-    log:
-        f"{CACHE}/{{key}}/logs/prepare.log",
-    benchmark:
-        f"{CACHE}/{{key}}/benchmarks/prepare.tsv"
-    conda:
-        "../../envs/core.yaml"
     shell:
-        "{PY}.data --params {params.p:q} --out {output.manifest} --bad {output.bad} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.data --params {params.p:q} --out {output.manifest} --bad {output.bad} > {log} 2>&1"
 
 
 rule generate:
@@ -30,20 +30,20 @@ rule generate:
         manifest=f"{CACHE}/{{key}}/instances.jsonl",
     output:
         directory(f"{CACHE}/{{key}}/shard-{{shard}}-of-{{n}}"),
-    params:
-        p=lambda wc: stage1_params(KEY2TASK[wc.key]),
     log:
         f"{CACHE}/{{key}}/logs/generate-{{shard}}-of-{{n}}.log",
     benchmark:
         f"{CACHE}/{{key}}/benchmarks/generate-{{shard}}-of-{{n}}.tsv"
+    retries: 1
+    conda:
+        MODEL_ENV
     resources:
         mem_mb=mem_mb(32000),
         runtime=240,
         gpu_job=1,
         batch_size=config["model"].get("batch_size", 1),
-    retries: 1
-    conda:
-        "../../envs/models-tf5.yaml"
+    params:
+        p=lambda wc: stage1_params(KEY2TASK[wc.key]),
     shell:
-        "{PY}.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
         "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1"

@@ -1,13 +1,28 @@
-"""Model adapter registry: adding a model is one file plus one line here."""
+"""Model adapter registry: adding a model is one file plus one entry here.
+
+Importing this module must stay cheap (no torch): the Snakefile reads it at parse time to find each
+adapter's source file (for rerun hashes) and its environment file (for `--sdm conda`).
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, NamedTuple
 
-from .base import ModelAdapter
+if TYPE_CHECKING:
+    from .base import ModelAdapter
 
-_REGISTRY: dict[str, str] = {
-    "qwen2_5_omni": "emotion_neurons.models.qwen_omni:QwenOmniAdapter",
+
+class Entry(NamedTuple):
+    target: str  # "module:Class"
+    env: str  # environment file under envs/ (without .yaml) that can run this adapter
+
+
+_REGISTRY: dict[str, Entry] = {
+    "qwen2_5_omni": Entry("emotion_neurons.models.qwen_omni:QwenOmniAdapter", "models-tf5"),
+    "audio_flamingo3": Entry("emotion_neurons.models.audio_flamingo3:AudioFlamingo3Adapter", "models-tf5"),
+    "minicpm_o": Entry("emotion_neurons.models.minicpm_o:MiniCPMOAdapter", "models-minicpm"),
+    "kimi_audio": Entry("emotion_neurons.models.kimi_audio:KimiAudioAdapter", "models-kimi"),
 }
 
 
@@ -15,11 +30,14 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(name: str) -> ModelAdapter:
-    """Instantiate the adapter registered under `name` (imports its module lazily)."""
+def entry(name: str) -> Entry:
     try:
-        target = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise KeyError(f"model.adapter {name!r} unknown; available: {available()}") from None
-    module, cls = target.split(":")
+
+
+def get_adapter(name: str) -> ModelAdapter:
+    """Instantiate the adapter registered under `name` (imports its module lazily)."""
+    module, cls = entry(name).target.split(":")
     return getattr(importlib.import_module(module), cls)()

@@ -96,6 +96,14 @@ class ModelAdapter(ABC):
     def pad_token_id(self) -> int | None:
         return None
 
+    def component_stop_token_ids(self, component: str) -> list[int]:
+        """Stop ids of `component`'s own vocabulary (a speech decoder stops on codec ids)."""
+        return list(self.stop_token_ids)
+
+    def prefill_span_codes(self, component: str, prepared: Prepared) -> torch.Tensor:
+        """Span codes of `component`'s prefill call (a speech decoder may see extra positions)."""
+        return prepared.span_codes
+
     # -- hook sites ----------------------------------------------------------------------------------------
     def resolve_sites(self, component: str = "thinker", site: str = "gate") -> list[LayerSite]:
         """Resolve hook modules by regex over `named_modules()`, ordered by layer index."""

@@ -18,7 +18,7 @@ log = logging.getLogger("emotion_neurons.tiny")
 SPEAKERS = ["0011", "0012", "0013", "0016", "0017"]
 
 
-def build_all(out: Path, force: bool = False, n_sentences: int = 6) -> dict[str, Path]:
+def build_all(out: Path, force: bool = False, n_sentences: int = 4) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     made: dict[str, Path] = {}
 
@@ -36,9 +36,10 @@ def build_all(out: Path, force: bool = False, n_sentences: int = 6) -> dict[str,
             log.info("built %s in %.1f s", target, time.perf_counter() - t0)
         made[name] = target
 
-    from . import corpus, emotion2vec, qwen_omni
+    from . import audio_flamingo3, corpus, emotion2vec, qwen_omni
 
     step("qwen2_5_omni", qwen_omni.build)
+    step("audio_flamingo3", audio_flamingo3.build)
     step("emotion2vec", emotion2vec.build)
     step("esd", lambda p: corpus.build(p, speakers=SPEAKERS, n_sentences=n_sentences))
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=".tiny")
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--n-sentences", type=int, default=6)
+    ap.add_argument("--n-sentences", type=int, default=4)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     build_all(Path(a.out), a.force, a.n_sentences)

@@ -1,0 +1,378 @@
+"""Adapter for Qwen2.5-Omni (`Qwen/Qwen2.5-Omni-7B`): audio in, text and 24 kHz speech out."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..types import GenerationOutput, GenerationSettings, Instance
+from .base import ModelAdapter, Prepared, resolve_device, resolve_dtype
+
+#: System prompt of the model card; Qwen states speech output only works with exactly this system prompt.
+QWEN_OMNI_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory "
+    "and visual inputs, as well as generating text and speech."
+)
+
+#: The processor chat template of Qwen/Qwen2.5-Omni-7B (chat_template.json; the same string is in
+#: transformers' tests/models/qwen2_5_omni/test_processing_qwen2_5_omni.py). Rendered with the tokenizer's
+#: jinja engine so prompts match `Qwen2_5OmniProcessor.apply_chat_template` token for token.
+QWEN_OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+AUDIO_TOKEN = "<|AUDIO|>"
+OUTPUT_SAMPLE_RATE = 24000
+DEFAULT_SPEAKER = "Chelsie"
+#: `Qwen2_5OmniForConditionalGeneration.generate`'s default talker budget
+TALKER_MAX_NEW_TOKENS = 4096
+
+
+def num_audio_tokens(feature_lengths: torch.Tensor) -> torch.Tensor:
+    """Audio placeholder count per clip from its mel-frame count (processing_qwen2_5_omni.py
+    `_get_feat_extract_output_lengths`: conv stride 2, then 2x average pooling)."""
+    lengths = (feature_lengths - 1) // 2 + 1
+    return (lengths - 2) // 2 + 1
+
+
+def _looks_local(model_id: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper paths) is meant as a path."""
+    return (
+        os.path.isabs(model_id)
+        or model_id.startswith((".", "~"))
+        or model_id.count("/") > 1
+        or (os.sep != "/" and os.sep in model_id)
+    )
+
+
+class QwenOmniAdapter(ModelAdapter):
+    """Qwen2.5-Omni through `transformers.Qwen2_5OmniForConditionalGeneration` (transformers >= 5).
+
+    Where each choice comes from:
+    - Inputs replicate `Qwen2_5OmniProcessor` (transformers `processing_qwen2_5_omni.py`), which cannot be
+      used here because its video processor needs torchvision: `WhisperFeatureExtractor` at 16 kHz with
+      `padding="max_length"` (30 s) and `return_attention_mask=True`, renamed to `feature_attention_mask`;
+      `<|AUDIO|>` expanded to `((L - 1) // 2 + 1 - 2) // 2 + 1` copies for L valid mel frames; text padded on
+      the left (`text_kwargs = {"padding_side": "left"}`).
+    - Prompt: the processor's chat template (`QWEN_OMNI_CHAT_TEMPLATE`) with the model card's system prompt
+      (`QWEN_OMNI_SYSTEM_PROMPT`, required for speech output); the user turn holds the audio, then the text.
+    - Generation (`modeling_qwen2_5_omni.py`, `Qwen2_5OmniForConditionalGeneration.generate`): text only via
+      `generation_mode="text"` (5.x rejects `return_audio`); speech by default, speaker from `spk_dict.pt`
+      (`load_speakers`, default "Chelsie"), talker EOS ids = codec pad/end ids of the talker config
+      (upstream hard-codes the 7B values 8292/8294 as defaults), waveform at 24 kHz. Knobs come from
+      `settings.extra`: `talker_do_sample` (default True) and any `thinker_*` / `talker_*` / `token2wav_*`
+      key pass through. The talker budget is capped by `dit_config.max_position_embeddings // repeats` (the
+      most codes token2wav accepts) and `talker_min_new_tokens` defaults to 1, because a first-step codec
+      EOS makes token2wav fail on zero codes.
+    - Loading: the class's `from_pretrained` requires `spk_dict.pt`; without one the checkpoint loads through
+      `PreTrainedModel.from_pretrained` and only text output is possible.
+    - Hooks: `decoder_root("thinker")` is the thinker (`Qwen2_5OmniThinkerForConditionalGeneration`): its
+      forward receives `input_ids` [B, T_prompt] at prefill and [B, 1] per decode step; the inner
+      language model only receives `inputs_embeds`. The talker's prefill gets `input_ids=None` and
+      `inputs_embeds` [B, T_prompt + 2, D] and each decode step `input_ids` [B, 1] (codec ids); see
+      `prefill_span_codes` and `component_stop_token_ids`.
+    """
+
+    name = "qwen2_5_omni"
+    tasks = ("evc", "ser")
+    input_sample_rate = 16000
+    output_sample_rate = OUTPUT_SAMPLE_RATE
+    components = {
+        # runtime paths: transformers 5.23 thinker.model.language_model.layers.{i}.mlp; 5.17 and 4.x (and the
+        # checkpoint keys) thinker.model.layers.{i}.mlp; the talker is talker.model.layers.{i}.mlp in all
+        "thinker": r"^thinker\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\.mlp$",
+        "talker": r"^talker\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\.mlp$",
+    }
+    supports_batching = True
+    system_prompt = QWEN_OMNI_SYSTEM_PROMPT
+    chat_template = QWEN_OMNI_CHAT_TEMPLATE
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer: Any = None
+        self.feature_extractor: Any = None
+        self.audio_token_id: int = -1
+        self._stop_ids: list[int] = []
+        self._pad_id: int | None = None
+        self.model_id: str = ""
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def load(
+        self, model_id: str, revision: str | None = None, device: str = "auto", dtype: str = "auto"
+    ) -> None:
+        """Load model, tokenizer, feature extractor and speakers from a hub id or a local directory."""
+        from transformers import AutoTokenizer, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
+
+        model_id = str(model_id)
+        if _looks_local(model_id) or os.path.exists(model_id):
+            path = pathlib.Path(model_id).expanduser()
+            if not path.is_dir():
+                raise FileNotFoundError(f"Qwen2.5-Omni model directory not found: {path}")
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+            model_id = str(path)
+
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        use_device_map = device == "auto" and torch.cuda.is_available()
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if revision:
+            kwargs["revision"] = revision
+        if use_device_map:
+            kwargs["device_map"] = "auto"
+        cls = Qwen2_5OmniForConditionalGeneration
+        try:
+            if os.path.isdir(model_id) and not os.path.isfile(os.path.join(model_id, "spk_dict.pt")):
+                model = self._load_without_speakers(cls, model_id, kwargs)
+            else:
+                try:
+                    model = cls.from_pretrained(model_id, **kwargs)  # also loads spk_dict.pt
+                except OSError as e:
+                    if "spk_dict.pt" not in str(e):
+                        raise
+                    model = self._load_without_speakers(cls, model_id, kwargs)
+            tok_kwargs = {"revision": revision} if revision else {}
+            self.tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model_id, **tok_kwargs)
+        except OSError as e:
+            raise OSError(f"cannot load Qwen2.5-Omni from {model_id!r} (revision {revision}): {e}") from e
+
+        model.eval()
+        if not use_device_map:
+            model.to(dev)
+        self.model = model
+        self.model_id = model_id
+        self.device = model.thinker.get_input_embeddings().weight.device
+        self.tokenizer.padding_side = "left"
+
+        self.audio_token_id = int(self.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+        expected = int(model.config.thinker_config.audio_token_index)
+        if self.audio_token_id != expected:
+            raise ValueError(
+                f"{model_id}: tokenizer maps {AUDIO_TOKEN} to {self.audio_token_id}, model expects {expected}"
+            )
+        vocab = self.tokenizer.get_vocab()
+        self._stop_ids = [int(vocab[t]) for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+        if not self._stop_ids:
+            raise ValueError(f"{model_id}: tokenizer has neither <|im_end|> nor <|endoftext|>")
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else self._stop_ids[-1]
+
+    @staticmethod
+    def _load_without_speakers(cls: Any, model_id: str, kwargs: dict[str, Any]) -> Any:
+        """The class's own from_pretrained insists on spk_dict.pt; PreTrainedModel's does not."""
+        warnings.warn(
+            f"{model_id}: no spk_dict.pt, loading without speakers (text output only)", stacklevel=3
+        )
+        return super(cls, cls).from_pretrained(model_id, **kwargs)
+
+    def _require(self) -> Any:
+        if self.model is None or self.tokenizer is None:
+            raise RuntimeError("QwenOmniAdapter: call load() first")
+        return self.model
+
+    # -- inputs --------------------------------------------------------------------------------------------
+    def render_prompt(self, prompt: str, n_audio_tokens: int) -> str:
+        """Chat text of one instance, `<|AUDIO|>` already expanded (as the processor does)."""
+        conversation = [
+            {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
+            {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
+        ]
+        text = self.tokenizer.apply_chat_template(
+            conversation, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+        if text.count(AUDIO_TOKEN) != 1:
+            raise RuntimeError(
+                f"rendered prompt has {text.count(AUDIO_TOKEN)} {AUDIO_TOKEN} tokens, expected 1"
+            )
+        return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * int(n_audio_tokens))
+
+    def prepare(self, instances: list[Instance], audios: list[np.ndarray]) -> Prepared:
+        """Left-padded batch: token ids, mel features (30 s, masked) and the span code of every position."""
+        self._require()
+        if len(instances) != len(audios) or not instances:
+            raise ValueError(
+                f"need one audio per instance, got {len(instances)} instances, {len(audios)} audios"
+            )
+        waves = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
+        feats = self.feature_extractor(
+            waves,
+            sampling_rate=self.input_sample_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        feature_mask = feats["attention_mask"]
+        n_audio = num_audio_tokens(feature_mask.sum(-1))
+        texts = [
+            self.render_prompt(inst.prompt, int(n))
+            for inst, n in zip(instances, n_audio.tolist(), strict=True)
+        ]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        input_ids = enc["input_ids"]
+        attention_mask = enc["attention_mask"]
+        got = (input_ids == self.audio_token_id).sum(-1)
+        if not torch.equal(got, n_audio):
+            raise RuntimeError(
+                f"audio placeholder counts {got.tolist()} != audio token counts {n_audio.tolist()}"
+            )
+        inputs = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "input_features": feats["input_features"].to(self.device),
+            "feature_attention_mask": feature_mask.to(self.device),
+        }
+        codes = self.span_codes_from_ids(inputs["input_ids"], inputs["attention_mask"], [self.audio_token_id])
+        return Prepared(inputs=inputs, span_codes=codes, instances=list(instances))
+
+    # -- generation ----------------------------------------------------------------------------------------
+    @property
+    def speakers(self) -> list[str]:
+        return list(getattr(self.model, "speaker_map", {}) or {})
+
+    def resolve_speaker(self, speaker: str = "") -> str | None:
+        """`speaker` if given (must exist), else "Chelsie" if present, else the first speaker, else None."""
+        names = self.speakers
+        if speaker:
+            if speaker not in names:
+                raise ValueError(f"speaker {speaker!r} not in spk_dict.pt of {self.model_id}; have {names}")
+            return speaker
+        if DEFAULT_SPEAKER in names:
+            return DEFAULT_SPEAKER
+        return names[0] if names else None
+
+    def talker_code_cap(self) -> int:
+        """Most codec tokens token2wav accepts (`Requested mel length ... exceeds` otherwise)."""
+        dit = self._require().config.token2wav_config.dit_config
+        return int(dit.max_position_embeddings // max(1, int(dit.repeats)))
+
+    def generate(self, prepared: Prepared, settings: GenerationSettings) -> list[GenerationOutput]:
+        """Greedy thinker decoding; with `want_audio` also the talker + token2wav waveform per row."""
+        model = self._require()
+        inputs = prepared.inputs
+        prompt_len = int(inputs["input_ids"].shape[1])
+        kw: dict[str, Any] = dict(inputs)
+        kw.update(
+            use_audio_in_video=False,
+            thinker_max_new_tokens=int(settings.max_new_tokens),
+            thinker_do_sample=bool(settings.do_sample),
+            thinker_eos_token_id=list(self._stop_ids),
+            thinker_pad_token_id=self._pad_id,
+        )
+        if settings.do_sample and settings.temperature > 0:
+            kw["thinker_temperature"] = float(settings.temperature)
+        kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
+        speaker = self.resolve_speaker(settings.speaker)
+
+        torch.manual_seed(int(settings.seed))  # seeds every device: talker sampling and token2wav noise
+        wavs: list[torch.Tensor] | None = None
+        with torch.no_grad():
+            if settings.want_audio:
+                if speaker is None or not getattr(model, "has_talker", False):
+                    raise RuntimeError(f"{self.model_id}: no talker/speakers loaded, cannot generate speech")
+                talker = model.talker
+                kw.update(
+                    speaker=speaker,
+                    talker_do_sample=bool(settings.extra.get("talker_do_sample", True)),
+                    # an EOS as the very first code makes token2wav fail on an empty code sequence
+                    talker_min_new_tokens=int(settings.extra.get("talker_min_new_tokens", 1)),
+                    talker_eos_token_id=[int(talker.codec_pad_token), int(talker.codec_eos_token)],
+                    talker_max_new_tokens=min(
+                        int(settings.extra.get("talker_max_new_tokens", TALKER_MAX_NEW_TOKENS)),
+                        self.talker_code_cap(),
+                    ),
+                )
+                kw.update({k: v for k, v in settings.extra.items() if k.startswith("token2wav_")})
+                for k, v in settings.extra.items():  # other talker_* knobs (top_k, top_p, temperature, ...)
+                    if k.startswith("talker_") and k not in kw:
+                        kw[k] = v
+                sequences, audio = model.generate(**kw)
+                wavs = [audio] if isinstance(audio, torch.Tensor) else list(audio)
+            elif speaker is not None:
+                sequences = model.generate(**kw, speaker=speaker, generation_mode="text")
+            else:  # no spk_dict.pt: upstream generate refuses even text mode, so call the thinker directly
+                thinker_kw = {k[len("thinker_") :]: v for k, v in kw.items() if k.startswith("thinker_")}
+                rest = {k: v for k, v in kw.items() if not k.startswith("thinker_")}
+                sequences = model.thinker.generate(**rest, **thinker_kw)
+        if not isinstance(sequences, torch.Tensor):
+            sequences = sequences.sequences
+        new = sequences[:, prompt_len:].cpu()
+        stops = torch.tensor(self._stop_ids)
+        out: list[GenerationOutput] = []
+        for i in range(new.shape[0]):
+            row = new[i]
+            hit = torch.nonzero(torch.isin(row, stops)).flatten()
+            n = int(hit[0]) if hit.numel() else int(row.numel())
+            text = self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+            if wavs is not None:
+                wav = wavs[i].detach().float().reshape(-1).cpu().numpy().astype(np.float32)
+                out.append(
+                    GenerationOutput(text=text, wav=wav, sample_rate=OUTPUT_SAMPLE_RATE, n_generated=n)
+                )
+            else:
+                out.append(GenerationOutput(text=text, n_generated=n))
+        return out
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def decoder_root(self, component: str) -> torch.nn.Module:
+        """The thinker / talker `...ForConditionalGeneration` module (their forwards see `input_ids`)."""
+        model = self._require()
+        if component == "thinker":
+            return model.thinker
+        if component == "talker":
+            if not getattr(model, "has_talker", False):
+                raise RuntimeError(f"{self.model_id}: talker not loaded")
+            return model.talker
+        raise KeyError(
+            f"component {component!r} not available for {self.name}; have {sorted(self.components)}"
+        )
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Thinker end-of-turn / EOS ids (<|im_end|>, <|endoftext|>)."""
+        return list(self._stop_ids)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._pad_id
+
+    def component_stop_token_ids(self, component: str) -> list[int]:
+        """Stop ids per component: the thinker's text EOS ids, or the talker's codec pad/end ids."""
+        if component == "talker":
+            talker = self.decoder_root("talker")
+            return [int(talker.codec_pad_token), int(talker.codec_eos_token)]
+        self.decoder_root(component)
+        return self.stop_token_ids
+
+    def prefill_span_codes(self, component: str, prepared: Prepared) -> torch.Tensor:
+        """Span codes of the first forward call of `component` during `generate`.
+
+        Thinker: `prepared.span_codes` [B, T]. Talker: its prefill has T + 2 positions (the prompt, the
+        speaker's text-bos embedding, and the first generated thinker token), coded text and generated.
+        """
+        codes = prepared.span_codes
+        if component != "talker":
+            return codes
+        from .. import SPANS
+
+        extra = torch.tensor([SPANS.index("text"), SPANS.index("generated")], device=codes.device)
+        return torch.cat([codes, extra.expand(codes.shape[0], 2)], dim=1)

@@ -1,0 +1,183 @@
+"""Snakemake: schema validation, one end-to-end run of the demo, and dry-run proofs of incremental reruns."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, repo: Path = REPO
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(BIN / "snakemake"), "-s", str(repo / "Snakefile"), "--directory", str(workdir), *args]
+    res = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=3000)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}")
+    return res
+
+
+def planned(workdir: Path, *overlays: dict, repo: Path = REPO) -> dict[str, int]:
+    """Rules (and job counts) a dry run would execute with the demo config plus `overlays`."""
+    files = ["--configfile", str(REPO / "config" / "demo.yaml")]
+    for i, o in enumerate(overlays):
+        p = workdir / f"overlay{i}.yaml"
+        p.write_text(yaml.safe_dump(o))
+        files.append(str(p))
+    out = snakemake(workdir, "-n", "--quiet", "rules", *files, repo=repo).stdout
+    counts = {}
+    for line in out.splitlines():
+        m = re.match(r"^([a-z_]+)\s+(\d+)$", line.strip())
+        if m and m.group(1) not in ("total", "job"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def make_workdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").symlink_to(REPO / "config.yaml")
+    (path / ".tiny").symlink_to(REPO / ".tiny", target_is_directory=True)
+    return path
+
+
+def test_bad_config_names_the_key(tmp_path):
+    wd = make_workdir(tmp_path / "wd")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"filter": {"c": 50, "wer_maximum": 0.2}}))
+    res = snakemake(wd, "-n", "--configfile", str(bad), check=False)
+    assert res.returncode != 0 and "wer_maximum" in res.stderr + res.stdout
+    bad.write_text(yaml.safe_dump({"select": {"selectors": ["cas", "bogus"], "r": [0.01]}}))
+    res = snakemake(wd, "-n", "--configfile", str(bad), check=False)
+    assert res.returncode != 0 and "bogus" in res.stderr + res.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from emotion_neurons.tiny.__main__ import build_all
+
+    build_all(REPO / ".tiny")
+    wd = make_workdir(tmp_path_factory.mktemp("demo"))
+    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"))
+    return wd
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo_run):
+    run = demo_run / "results" / "demo"
+    html = (run / "report.html").read_text()
+    assert "Selector comparison" in html and html.count("data:image/png;base64") >= 2
+    for task in ("evc", "ser"):
+        kept = pd.read_csv(run / task / "filter" / "kept.tsv", sep="\t")
+        assert kept.groupby("emotion").size().nunique() == 1  # capped to the same count per emotion
+        assert len(list((run / task / "masks").glob("*.safetensors"))) == 6  # lap lape mad cas + 2 random
+    deltas = pd.read_csv(run / "evc" / "metrics" / "deltas.tsv", sep="\t")
+    assert {"delta", "ci_lo", "ci_hi"} <= set(deltas.columns) and len(deltas)
+    effects = pd.read_csv(run / "ser" / "metrics" / "effects.tsv", sep="\t")
+    assert {"SE", "ACE", "ESS"} <= set(effects.columns)
+    stores = list((demo_run / "results" / "cache" / "stage1").glob("*/shard-*-of-2/stats.zarr"))
+    assert len(stores) == 4
+    # nothing half-written is left behind
+    assert not [p for p in (demo_run / "results").rglob(".*.tmp*")]
+
+
+@pytest.mark.slow
+def test_nothing_to_do_after_a_run(demo_run):
+    assert planned(demo_run) == {}
+
+
+@pytest.mark.slow
+def test_filter_change_never_reruns_stage1(demo_run):
+    jobs = planned(demo_run, {"filter": {"c": 2, "seed": 1}})
+    assert {"prepare", "generate", "judge_ident"}.isdisjoint(jobs)
+    assert {"filter", "aggregate", "select", "metrics", "report"} <= set(jobs)
+
+
+@pytest.mark.slow
+def test_new_r_adds_only_new_jobs(demo_run):
+    jobs = planned(demo_run, {"select": {"r": [0.05, 0.1]}})
+    assert {"prepare", "generate", "judge_ident", "filter", "aggregate"}.isdisjoint(jobs)
+    assert jobs["select"] == 2 * 6  # 6 new masks per task
+    # one new evaluate per task x new condition (baseline and r=0.05 conditions are kept)
+    assert jobs["evaluate"] == 2 * 6  # steer a1 for each new mask, per task
+
+
+@pytest.mark.slow
+def test_new_alpha_adds_only_new_jobs(demo_run):
+    jobs = planned(demo_run, {"evaluate": {"alpha": [1.0, 0.5]}})
+    assert {"prepare", "generate", "judge_ident", "filter", "aggregate", "select"}.isdisjoint(jobs)
+    assert jobs["evaluate"] == 2 * 6  # steer a0.5 for each of 6 masks, per task
+
+
+@pytest.mark.slow
+def test_model_change_makes_a_new_stage1_store(demo_run):
+    jobs = planned(demo_run, {"hook_site": "pre_act"})
+    assert jobs["generate"] == 4 and jobs["prepare"] == 2
+    assert (demo_run / "results" / "cache" / "stage1").exists()
+
+
+@pytest.mark.slow
+def test_report_only_change(demo_run):
+    jobs = planned(demo_run, {"report": {"title": "Another title"}})
+    assert set(jobs) == {"report", "all"}
+
+
+@pytest.mark.slow
+def test_other_run_reuses_cached_stage1(demo_run):
+    jobs = planned(demo_run, {"run_name": "another", "filter": {"c": 2}})
+    assert {"prepare", "generate"}.isdisjoint(jobs)  # same stage-1 identity: the cached stores are reused
+    assert jobs["judge_ident"] == 4 and jobs["filter"] == 2
+
+
+@pytest.fixture
+def code_copy(tmp_path):
+    """A copy of the workflow and package whose modules a test may edit."""
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(REPO / name, copy / name)
+    for name in ("workflow", "config", "envs"):
+        shutil.copytree(REPO / name, copy / name)
+    shutil.copytree(REPO / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _touch_code(copy: Path, module: str) -> None:
+    f = copy / "src" / "emotion_neurons" / module
+    f.write_text(f.read_text() + "\n# edited\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("report.py", {"report", "all"}),
+        ("summarize.py", {"metrics", "report", "all"}),
+        ("models/audio_flamingo3.py", set()),  # another model's adapter: nothing of this run
+    ],
+)
+def test_code_change_reruns_exactly_its_rules(demo_run, code_copy, module, expected):
+    assert planned(demo_run, repo=code_copy) == {}
+    _touch_code(code_copy, module)
+    assert set(planned(demo_run, repo=code_copy)) == expected
+
+
+@pytest.mark.slow
+def test_hook_code_change_reruns_stage1(demo_run, code_copy):
+    _touch_code(code_copy, "hooks.py")
+    jobs = planned(demo_run, repo=code_copy)
+    assert jobs["generate"] == 4 and jobs["evaluate"] == 14
+
+
+def teardown_module(module):
+    shutil.rmtree(REPO / ".snakemake" / "tmp", ignore_errors=True)
