@@ -26,8 +26,10 @@ tiny: setup sysdeps
 	$(PY) -m emotion_neurons.tiny --out .tiny
 
 demo: tiny
-	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml --printshellcmds --show-failed-logs
-	@echo "Report: $$(pwd)/results/demo/report.html"
+	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml --show-failed-logs
+	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml config/demo-af3.yaml --show-failed-logs
+	@echo "Reports: $$(pwd)/results/demo/report.html (Qwen2.5-Omni, EVC + SER)"
+	@echo "         $$(pwd)/results/demo-af3/report.html (Audio Flamingo 3, SER)"
 
 test: setup sysdeps
 	$(PY) -m pytest -q -ra

@@ -92,6 +92,21 @@ def test_demo_end_to_end(demo_run):
 
 
 @pytest.mark.slow
+def test_demo_second_family_audio_flamingo3(demo_run):
+    """The embedded setup's second model family: Audio Flamingo 3 on SER, sharing the workdir and cache."""
+    snakemake(
+        demo_run, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"),
+        str(REPO / "config" / "demo-af3.yaml"),
+    )
+    run = demo_run / "results" / "demo-af3"
+    assert (run / "report.html").exists() and not (run / "evc").exists()
+    effects = pd.read_csv(run / "ser" / "metrics" / "effects.tsv", sep="\t")
+    assert {"SE", "ACE", "ESS"} <= set(effects.columns)
+    stores = list((demo_run / "results" / "cache" / "stage1").glob("ser-audio_flamingo3-*/shard-*/stats.zarr"))
+    assert len(stores) == 2
+
+
+@pytest.mark.slow
 def test_nothing_to_do_after_a_run(demo_run):
     assert planned(demo_run) == {}
 

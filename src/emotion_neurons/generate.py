@@ -22,9 +22,12 @@ from tqdm import tqdm
 from . import SPANS, __version__
 from .config import code_version, load_params
 from .io import AudioError, atomic_dir, load_audio, read_jsonl, write_table, write_wav
+from .models import available
 from .types import GenerationSettings, Instance
 
 log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds")
 
 
 def load_shard(manifest: str | Path, split: str, shard: int, n_shards: int, limit: int | None = None) -> list[Instance]:
@@ -97,7 +100,7 @@ def run(
         n_neurons = int(sites[0].module.out_features) if site == "pre_act" else adapter.n_neurons(component)
         attrs = {
             "model_version": __version__,
-            "code_version": code_version("generate", getattr(adapter, "name", None) or None),
+            "code_version": code_version("generate", adapter.name if adapter.name in available() else None),
             "component": component,
             "hook_site": site,
             "device_map": adapter.device_map(),
@@ -154,7 +157,8 @@ def run(
             with contextlib.suppress(Exception):
                 writer.abort()
         raise
-    df = pd.DataFrame(rows)
+    columns = [*Instance.__dataclass_fields__, "status", *OUTPUT_COLUMNS]
+    df = pd.DataFrame(rows, columns=columns if not rows else None)
     if "options" in df:
         df["options"] = df["options"].map(lambda o: "|".join(o) if isinstance(o, list) else o)
     write_table(out_table, df)

@@ -102,6 +102,8 @@ def read_table(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"table {path} does not exist")
+    if not path.read_text().strip():
+        return pd.DataFrame()
     return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
 
 
