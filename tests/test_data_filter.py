@@ -187,3 +187,17 @@ def test_condition_grid():
     assert ids[0] == "baseline"
     assert "cas-r0.01-deactivate" in ids and "cas-r0.01-steer-a0.5" in ids and "random-r0.01-steer-a1-s1" in ids
     assert len(ids) == 1 + 3 * (1 + 2)
+
+
+def test_dataset_fingerprint_tracks_content_not_location(tmp_path):
+    import shutil
+
+    from emotion_neurons.config import dataset_fingerprint
+
+    cfg = make_esd(tmp_path / "a")
+    fp = dataset_fingerprint(cfg)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert dataset_fingerprint({**cfg, "root": str(tmp_path / "b")}) == fp  # moved corpus: cache still valid
+    sf.write(tmp_path / "a" / "0011" / "Neutral" / "0011_000003.wav", _tone(), 16000)  # an added utterance
+    assert dataset_fingerprint(cfg) != fp
+    assert dataset_fingerprint({**cfg, "root": str(tmp_path / "nope")}) == "missing"

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p = load_params(a.params)
     kept = read_table(a.kept)
     groups = {e: kept.loc[kept["emotion"] == e, "id"].tolist() for e in p["emotions"]}
-    aggregate(a.stores, groups, p["spans"], a.out, attrs={"task": p["task"]})
+    aggregate(a.stores, groups, p["spans"], a.out, attrs={"task": p["task"], "filter": p.get("filter")})
     log.info("aggregated %s", {e: len(v) for e, v in groups.items()})
     return 0
 

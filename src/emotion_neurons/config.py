@@ -81,7 +81,8 @@ def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
         if f is None or f in seen:
             continue
         seen.add(f)
-        todo.extend(_package_imports(f))
+        if f != Path(__file__).resolve():  # this module imports the registry only to compute these hashes
+            todo.extend(_package_imports(f))
         if f == PACKAGE_DIR / "models" / "__init__.py":
             todo.extend(_adapter_files(adapter))
     return sorted(seen)
@@ -120,6 +121,29 @@ def task_dataset(config: dict[str, Any], task: str) -> dict[str, Any]:
         raise KeyError(f"tasks.{task}.dataset names {name!r}, which is not under datasets") from None
 
 
+def dataset_fingerprint(dcfg: dict[str, Any]) -> str:
+    """Hash of what the corpus holds (file names and sizes, manifest contents), not where it lives.
+
+    Part of the stage-1 cache key, so adding or replacing utterances makes a new store instead of silently
+    reusing statistics of the old corpus. A missing corpus hashes to "missing" (prepare reports it).
+    """
+    h = hashlib.sha256()
+    if dcfg.get("format") == "esd":
+        root = Path(dcfg["root"])
+        if not root.is_dir():
+            return "missing"
+        for spk in sorted({*dcfg.get("ident_speakers", []), *dcfg.get("eval_speakers", [])}):
+            base = root / spk
+            for f in sorted(base.rglob("*")) if base.is_dir() else []:
+                if f.is_file() and (f.suffix == ".wav" or f.name == f"{spk}.txt"):
+                    h.update(f"{f.relative_to(root)}:{f.stat().st_size}\n".encode())
+    else:
+        for key in ("ident_manifest", "eval_manifest"):
+            p = Path(dcfg.get(key, ""))
+            h.update(p.read_bytes() if p.is_file() else b"missing")
+    return h.hexdigest()[:16]
+
+
 def stage1_identity(config: dict[str, Any], task: str) -> dict[str, Any]:
     """Everything that determines stage-1 statistics: the cache key of a generate store."""
     t = config["tasks"][task]
@@ -127,6 +151,7 @@ def stage1_identity(config: dict[str, Any], task: str) -> dict[str, Any]:
         "task": task,
         "model": {k: config["model"].get(k) for k in ("adapter", "id", "revision", "dtype", "speaker")},
         "dataset": task_dataset(config, task),
+        "dataset_content": dataset_fingerprint(task_dataset(config, task)),
         "data": config["data"],
         "task_cfg": {k: v for k, v in t.items() if k not in ("enabled", "shards", "eval_shards")},
         "component": config["component"],

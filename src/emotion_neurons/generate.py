@@ -117,7 +117,8 @@ def run(
             if intervention is not None and intervention.kind != "none":
                 iv = stack.enter_context(Intervention(sites, tracker, intervention).attached())
             rec = stack.enter_context(StatsRecorder(sites, tracker, sum_squares).attached()) if writer else None
-            for b0 in tqdm(range(0, len(good), bs), desc="generate", unit="batch", file=sys.stderr, mininterval=5):
+            bar = stack.enter_context(tqdm(total=len(good), desc="generate", unit="inst", file=sys.stderr, mininterval=5))
+            for b0 in range(0, len(good), bs):
                 batch = good[b0 : b0 + bs]
                 t0 = time.perf_counter()
                 prepared = adapter.prepare(batch, [audios[i.wav] for i in batch])
@@ -131,6 +132,7 @@ def run(
                 if writer is not None:
                     writer.write([i.id for i in batch], rec.result())
                 dt = (time.perf_counter() - t0) / len(batch)
+                bar.update(len(batch))
                 for inst, out in zip(batch, outs, strict=True):
                     wav_path = ""
                     if out.wav is not None and wav_dir is not None:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         M=arrays["M"], lape_quantile=p.get("lape_quantile"), mad_signed=bool(p.get("mad_signed", False)),
     )
     prov = {
-        **{k: attrs.get(k) for k in ("model_id", "revision", "component", "hook_site", "spans", "n_instances", "task")},
+        **{k: attrs.get(k) for k in ("model_id", "revision", "component", "hook_site", "spans", "n_instances", "task", "filter")},
         "selector": p["selector"], "r": p["r"], "scope": p.get("scope", "global"), "seed": p.get("mask_seed", 0),
         "data_hash": hashlib.sha256(P.tobytes()).hexdigest()[:16],
     }

@@ -21,6 +21,7 @@ rule aggregate:
                 "task": wc.task,
                 "emotions": emotions(wc.task),
                 "spans": config["aggregate"]["spans"],
+                "filter": config["filter"],
                 "code": code_version("aggregate"),
             }
         ),
