@@ -170,6 +170,12 @@ def run(
 def load_adapter(model_cfg: dict[str, Any]):
     from .models import get_adapter
 
+    if model_cfg.get("deterministic", True):
+        import torch
+
+        # cuDNN's attention kernel made full-size Qwen2.5-Omni greedy decoding differ from run to run on an
+        # H100 (bench/RESULTS-gpu-fullsize.md); without it, baseline and alpha-0 runs are bit-identical
+        torch.backends.cuda.enable_cudnn_sdp(False)
     adapter = get_adapter(model_cfg["adapter"])
     adapter.load(model_cfg["id"], model_cfg.get("revision"), model_cfg.get("device", "auto"), model_cfg.get("dtype", "auto"))
     return adapter

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..types import GenerationOutput, GenerationSettings, Instance
-from .base import ModelAdapter, Prepared, resolve_device, resolve_dtype
+from .base import ModelAdapter, Prepared, pretrained_kwargs, resolve_model_source, revision_kwargs
 
 #: stop tokens of the checkpoint's generation_config.json (eos_token_id = [<|im_end|>, <|endoftext|>])
 STOP_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
@@ -21,11 +19,6 @@ def num_audio_tokens(valid_frames: torch.Tensor) -> torch.Tensor:
     (`AudioFlamingo3Processor._get_audio_token_length`: conv stride 2, then 2x average pooling)."""
     lengths = (valid_frames - 1) // 2 + 1
     return (lengths - 2) // 2 + 1
-
-
-def _looks_local(model_id: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper paths) is meant as a path."""
-    return os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
 
 
 class AudioFlamingo3Adapter(ModelAdapter):
@@ -78,30 +71,15 @@ class AudioFlamingo3Adapter(ModelAdapter):
         """Load model and processor from a hub id or a local directory."""
         from transformers import AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
 
-        model_id = str(model_id)
-        if _looks_local(model_id) or os.path.exists(model_id):
-            path = pathlib.Path(model_id).expanduser()
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"{path} is not an Audio Flamingo 3 model directory (no config.json)")
-            model_id = str(path)
-
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        use_device_map = device == "auto" and torch.cuda.is_available()
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if revision:
-            kwargs["revision"] = revision
-        if use_device_map:
-            kwargs["device_map"] = "auto"
+        model_id = resolve_model_source(model_id, "Audio Flamingo 3")
+        kwargs, dev = pretrained_kwargs(device, dtype, revision)
         try:
             model = AudioFlamingo3ForConditionalGeneration.from_pretrained(model_id, **kwargs)
-            self.processor = AudioFlamingo3Processor.from_pretrained(
-                model_id, **({"revision": revision} if revision else {})
-            )
+            self.processor = AudioFlamingo3Processor.from_pretrained(model_id, **revision_kwargs(revision))
         except OSError as e:
             raise OSError(f"cannot load Audio Flamingo 3 from {model_id!r} (revision {revision}): {e}") from e
         model.eval()
-        if not use_device_map:
+        if "device_map" not in kwargs:
             model.to(dev)
         self.model = model
         self.model_id = model_id
@@ -152,10 +130,7 @@ class AudioFlamingo3Adapter(ModelAdapter):
     def prepare(self, instances: list[Instance], audios: list[np.ndarray]) -> Prepared:
         """Left-padded batch through the real processor, plus the span code of every prompt position."""
         self._require()
-        if len(instances) != len(audios) or not instances:
-            raise ValueError(
-                f"need one audio per instance, got {len(instances)} instances, {len(audios)} audios"
-            )
+        self.check_batch(instances, audios)
         waves = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
         texts = [self.render_prompt(inst.prompt) for inst in instances]
         enc = self.processor(
@@ -220,14 +195,8 @@ class AudioFlamingo3Adapter(ModelAdapter):
         if not isinstance(sequences, torch.Tensor):
             sequences = sequences.sequences
         new = sequences[:, prompt_len:].cpu()
-        stops = torch.tensor(self._stop_ids)
-        out: list[GenerationOutput] = []
-        for row in new:
-            hit = torch.nonzero(torch.isin(row, stops)).flatten()
-            n = int(hit[0]) if hit.numel() else int(row.numel())
-            text = self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-            out.append(GenerationOutput(text=text, n_generated=n))
-        return out
+        decoded = self.decode_until_stop(self.tokenizer, new, self._stop_ids)
+        return [GenerationOutput(text=text, n_generated=n) for text, n in decoded]
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def decoder_root(self, component: str) -> torch.nn.Module:

@@ -7,6 +7,8 @@ an adapter only names module regexes and the token ids that delimit spans.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -150,6 +152,26 @@ class ModelAdapter(ABC):
 
     # -- helpers -------------------------------------------------------------------------------------------
     @staticmethod
+    def check_batch(instances: list[Instance], audios: list[np.ndarray]) -> None:
+        """A batch needs at least one instance and exactly one audio per instance."""
+        if len(instances) != len(audios) or not instances:
+            raise ValueError(
+                f"need one audio per instance, got {len(instances)} instances, {len(audios)} audios"
+            )
+
+    @staticmethod
+    def decode_until_stop(tokenizer: Any, rows: torch.Tensor, stop_ids: list[int]) -> list[tuple[str, int]]:
+        """Per row of generated ids [B, N] (on the CPU): the text of the ids before the first stop id (special
+        tokens skipped) and how many ids that is (N when the row has no stop id)."""
+        stops = torch.tensor(stop_ids)
+        out: list[tuple[str, int]] = []
+        for row in rows:
+            hit = torch.nonzero(torch.isin(row, stops)).flatten()
+            n = int(hit[0]) if hit.numel() else int(row.numel())
+            out.append((tokenizer.decode(row[:n].tolist(), skip_special_tokens=True), n))
+        return out
+
+    @staticmethod
     def span_codes_from_ids(
         input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_ids: list[int]
     ) -> torch.Tensor:
@@ -170,3 +192,49 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def looks_local(model_id: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper paths) is meant as a path."""
+    return (
+        os.path.isabs(model_id)
+        or model_id.startswith((".", "~"))
+        or model_id.count("/") > 1
+        or (os.sep != "/" and os.sep in model_id)
+    )
+
+
+def resolve_model_source(model_id: str, what: str) -> str:
+    """`model_id` as given when it is a hub id; the expanded path when it names a local directory.
+
+    A local path (`looks_local`, or anything that exists) must be a directory holding `config.json`; otherwise
+    FileNotFoundError names the path and `what` (the model family, e.g. "Qwen2.5-Omni").
+    """
+    model_id = str(model_id)
+    if looks_local(model_id) or os.path.exists(model_id):
+        path = pathlib.Path(model_id).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{what} model directory not found: {path}")
+        if not (path / "config.json").is_file():
+            article = "an" if what[:1].upper() in "AEIOU" else "a"
+            raise FileNotFoundError(f"{path} is not {article} {what} model directory (no config.json)")
+        return str(path)
+    return model_id
+
+
+def revision_kwargs(revision: str | None) -> dict[str, Any]:
+    """`{"revision": revision}` for `from_pretrained` when a revision is pinned, else nothing."""
+    return {"revision": revision} if revision else {}
+
+
+def pretrained_kwargs(device: str, dtype: str, revision: str | None) -> tuple[dict[str, Any], torch.device]:
+    """`from_pretrained` kwargs (dtype, revision, and `device_map="auto"` for `device="auto"` with CUDA, which
+    spreads the model over the visible GPUs through accelerate) and the device to move the model to.
+
+    When the kwargs hold no `device_map`, the caller moves the loaded model to the returned device itself.
+    """
+    dev = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), **revision_kwargs(revision)}
+    if device == "auto" and torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+    return kwargs, dev

@@ -71,7 +71,7 @@ import torch
 
 from .. import SPANS
 from ..types import GenerationOutput, GenerationSettings, Instance
-from .base import ModelAdapter, Prepared, resolve_device, resolve_dtype
+from .base import ModelAdapter, Prepared, resolve_device, resolve_dtype, revision_kwargs
 
 ENV_FILE = "envs/models-minicpm.yaml"
 OUTPUT_SAMPLE_RATE = 24000
@@ -323,13 +323,12 @@ class MiniCPMOAdapter(ModelAdapter):
             "init_vision": False,
             "init_audio": True,
             "init_tts": True,
+            **revision_kwargs(revision),
         }
-        if revision:
-            kwargs["revision"] = revision
         try:
             model = AutoModel.from_pretrained(str(model_id), **kwargs)
             processor = AutoProcessor.from_pretrained(
-                str(model_id), trust_remote_code=True, **({"revision": revision} if revision else {})
+                str(model_id), trust_remote_code=True, **revision_kwargs(revision)
             )
         except OSError as e:
             raise OSError(f"cannot load MiniCPM-o from {model_id!r} (revision {revision}): {e}") from e
@@ -413,10 +412,7 @@ class MiniCPMOAdapter(ModelAdapter):
         chunk, so EVC span codes are [1, 0] here and the relay supplies them per LLM call.
         """
         self._require()
-        if len(instances) != len(audios) or not instances:
-            raise ValueError(
-                f"need one audio per instance, got {len(instances)} instances, {len(audios)} audios"
-            )
+        self.check_batch(instances, audios)
         tasks = {inst.task for inst in instances}
         if len(tasks) != 1:
             raise ValueError(f"one task per batch, got {sorted(tasks)}")
@@ -497,14 +493,8 @@ class MiniCPMOAdapter(ModelAdapter):
             _, outputs = model.generate(**prepared.inputs["model_inputs"], tokenizer=self.tokenizer, **kw)
         # generation from inputs_embeds only: sequences hold the new tokens only
         seqs = outputs.sequences if hasattr(outputs, "sequences") else outputs["sequences"]
-        stops = torch.tensor(self._stop_ids)
-        out = []
-        for row in seqs.cpu():
-            hit = torch.nonzero(torch.isin(row, stops)).flatten()
-            n = int(hit[0]) if hit.numel() else int(row.numel())
-            text = self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-            out.append(GenerationOutput(text=text.strip(), n_generated=n))
-        return out
+        decoded = self.decode_until_stop(self.tokenizer, seqs.cpu(), self._stop_ids)
+        return [GenerationOutput(text=text.strip(), n_generated=n) for text, n in decoded]
 
     def reference_audio(self, settings: GenerationSettings, source: np.ndarray) -> np.ndarray:
         """Vocoder voice prompt at 16 kHz: the source utterance, or the wav named by `settings.speaker`."""

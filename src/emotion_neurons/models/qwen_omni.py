@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import warnings
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 from ..types import GenerationOutput, GenerationSettings, Instance
-from .base import ModelAdapter, Prepared, resolve_device, resolve_dtype
+from .base import ModelAdapter, Prepared, pretrained_kwargs, resolve_model_source, revision_kwargs
 
 #: System prompt of the model card; Qwen states speech output only works with exactly this system prompt.
 QWEN_OMNI_SYSTEM_PROMPT = (
@@ -52,16 +51,6 @@ def num_audio_tokens(feature_lengths: torch.Tensor) -> torch.Tensor:
     `_get_feat_extract_output_lengths`: conv stride 2, then 2x average pooling)."""
     lengths = (feature_lengths - 1) // 2 + 1
     return (lengths - 2) // 2 + 1
-
-
-def _looks_local(model_id: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper paths) is meant as a path."""
-    return (
-        os.path.isabs(model_id)
-        or model_id.startswith((".", "~"))
-        or model_id.count("/") > 1
-        or (os.sep != "/" and os.sep in model_id)
-    )
 
 
 class QwenOmniAdapter(ModelAdapter):
@@ -122,23 +111,8 @@ class QwenOmniAdapter(ModelAdapter):
         """Load model, tokenizer, feature extractor and speakers from a hub id or a local directory."""
         from transformers import AutoTokenizer, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
 
-        model_id = str(model_id)
-        if _looks_local(model_id) or os.path.exists(model_id):
-            path = pathlib.Path(model_id).expanduser()
-            if not path.is_dir():
-                raise FileNotFoundError(f"Qwen2.5-Omni model directory not found: {path}")
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-            model_id = str(path)
-
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        use_device_map = device == "auto" and torch.cuda.is_available()
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if revision:
-            kwargs["revision"] = revision
-        if use_device_map:
-            kwargs["device_map"] = "auto"
+        model_id = resolve_model_source(model_id, "Qwen2.5-Omni")
+        kwargs, dev = pretrained_kwargs(device, dtype, revision)
         cls = Qwen2_5OmniForConditionalGeneration
         try:
             if os.path.isdir(model_id) and not os.path.isfile(os.path.join(model_id, "spk_dict.pt")):
@@ -150,14 +124,14 @@ class QwenOmniAdapter(ModelAdapter):
                     if "spk_dict.pt" not in str(e):
                         raise
                     model = self._load_without_speakers(cls, model_id, kwargs)
-            tok_kwargs = {"revision": revision} if revision else {}
+            tok_kwargs = revision_kwargs(revision)
             self.tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
             self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model_id, **tok_kwargs)
         except OSError as e:
             raise OSError(f"cannot load Qwen2.5-Omni from {model_id!r} (revision {revision}): {e}") from e
 
         model.eval()
-        if not use_device_map:
+        if "device_map" not in kwargs:
             model.to(dev)
         self.model = model
         self.model_id = model_id
@@ -209,10 +183,7 @@ class QwenOmniAdapter(ModelAdapter):
     def prepare(self, instances: list[Instance], audios: list[np.ndarray]) -> Prepared:
         """Left-padded batch: token ids, mel features (30 s, masked) and the span code of every position."""
         self._require()
-        if len(instances) != len(audios) or not instances:
-            raise ValueError(
-                f"need one audio per instance, got {len(instances)} instances, {len(audios)} audios"
-            )
+        self.check_batch(instances, audios)
         waves = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
         feats = self.feature_extractor(
             waves,
@@ -316,13 +287,8 @@ class QwenOmniAdapter(ModelAdapter):
         if not isinstance(sequences, torch.Tensor):
             sequences = sequences.sequences
         new = sequences[:, prompt_len:].cpu()
-        stops = torch.tensor(self._stop_ids)
         out: list[GenerationOutput] = []
-        for i in range(new.shape[0]):
-            row = new[i]
-            hit = torch.nonzero(torch.isin(row, stops)).flatten()
-            n = int(hit[0]) if hit.numel() else int(row.numel())
-            text = self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+        for i, (text, n) in enumerate(self.decode_until_stop(self.tokenizer, new, self._stop_ids)):
             if wavs is not None:
                 wav = wavs[i].detach().float().reshape(-1).cpu().numpy().astype(np.float32)
                 out.append(

@@ -13,11 +13,10 @@ decoding. Sizes are chosen for speed, not quality.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import random
 
-import numpy as np
+from . import seeded_out_dir
+from .tokenizer import train_qwen2_tokenizer, training_corpus
 
 #: special tokens the processor, chat template and generation config of the real checkpoint use
 AF3_SPECIALS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
@@ -84,62 +83,13 @@ AF3_TOKENIZER_CHAT_TEMPLATE = (
 )
 
 
-def _corpus() -> list[str]:
-    # the required words dominate the counts so BPE merges them into whole tokens first
-    lines: list[str] = []
-    for w in SINGLE_TOKEN_WORDS:
-        # both word forms the Qwen pre-tokenizer produces: "word" (text start / after newline) and " word"
-        lines.extend([f"{w} {w}. {w.capitalize()} {w}\n{w}"] * 50)
-    for _ in range(2):
-        for w in SINGLE_TOKEN_WORDS:
-            lines.extend(t.format(e=w) for t in _CORPUS)
-    lines.append("0 1 2 3 4 5 6 7 8 9 10")
-    return lines
-
-
 def build_tokenizer():  # -> transformers.Qwen2Tokenizer
-    """Train a byte-level BPE with Qwen2's pre-tokenizer, then wrap it as the real `Qwen2Tokenizer` class."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+    """The tiny Qwen2 byte-level BPE (`tiny.tokenizer`) with the AF3 specials and tokenizer chat template."""
+    # both word forms the Qwen pre-tokenizer produces: "word" (text start / after newline) and " word"
+    corpus = training_corpus(SINGLE_TOKEN_WORDS, _CORPUS, "{w} {w}. {W} {w}\n{w}")
+    tok = train_qwen2_tokenizer(
+        corpus, vocab_size=VOCAB_TARGET, single_token_words=SINGLE_TOKEN_WORDS, added_specials=AF3_SPECIALS
     )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_TARGET,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = model["vocab"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    for w in SINGLE_TOKEN_WORDS:
-        for form in (w, "\u0120" + w):
-            if form not in vocab:
-                raise RuntimeError(f"tiny tokenizer: {form!r} did not become a token; enlarge VOCAB_TARGET")
-    for d in "0123456789":
-        if d not in vocab:
-            raise RuntimeError(f"tiny tokenizer: digit {d!r} is not a token")
-
-    tok = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in AF3_SPECIALS])
     tok.chat_template = AF3_TOKENIZER_CHAT_TEMPLATE
     return tok
 
@@ -187,11 +137,7 @@ def build(out_dir: pathlib.Path) -> pathlib.Path:
         WhisperFeatureExtractor,
     )
 
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+    out_dir = seeded_out_dir(out_dir, SEED)
 
     tok = build_tokenizer()
     config = _config(tok)

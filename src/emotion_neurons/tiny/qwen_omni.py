@@ -10,11 +10,10 @@ and `spk_dict.pt` in the real format `{speaker: {"cond", "ref_mel", "bos_token"}
 
 from __future__ import annotations
 
-import json
 import pathlib
-import random
 
-import numpy as np
+from . import seeded_out_dir
+from .tokenizer import train_qwen2_tokenizer, training_corpus
 
 #: special tokens of the real Qwen2.5-Omni tokenizer that the adapter and the model use
 QWEN_SPECIALS: tuple[str, ...] = (
@@ -58,61 +57,17 @@ SEED = 1234
 VOCAB_TARGET = 512  # byte alphabet (256) + learned merges; specials come after
 
 
-def _corpus() -> list[str]:
-    # the required words dominate the counts so BPE merges them into whole tokens first
-    lines: list[str] = []
-    for w in SINGLE_TOKEN_WORDS:
-        # both word forms the Qwen pre-tokenizer produces: "word" (text start) and " word"
-        lines.extend([f"{w} {w}. {w.capitalize()} {w}"] * 50)
-    for _ in range(2):
-        for w in SINGLE_TOKEN_WORDS:
-            lines.extend(t.format(e=w) for t in _CORPUS)
-    lines.append("0 1 2 3 4 5 6 7 8 9 10")
-    return lines
-
-
 def build_tokenizer():  # -> transformers.Qwen2Tokenizer
-    """Train a byte-level BPE with Qwen2's pre-tokenizer, then wrap it as the real `Qwen2Tokenizer` class."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    """The tiny Qwen2 byte-level BPE (`tiny.tokenizer`) with the Qwen2.5-Omni, TTS and speaker specials."""
+    # both word forms the Qwen pre-tokenizer produces: "word" (text start) and " word"
+    corpus = training_corpus(SINGLE_TOKEN_WORDS, _CORPUS, "{w} {w}. {W} {w}")
+    tok = train_qwen2_tokenizer(
+        corpus,
         vocab_size=VOCAB_TARGET,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
+        single_token_words=SINGLE_TOKEN_WORDS,
+        added_specials=QWEN_SPECIALS + TTS_SPECIALS + tuple(f"<|spk_{s}|>" for s in SPEAKERS),
+        trainer_specials=["<|endoftext|>"],
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = model["vocab"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    # the single-token words must be whole tokens in both forms, whatever the trainer's ranking did
-    for w in SINGLE_TOKEN_WORDS:
-        for form in (w, "\u0120" + w):
-            if form not in vocab:
-                raise RuntimeError(f"tiny tokenizer: {form!r} did not become a token; enlarge VOCAB_TARGET")
-
-    tok = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS + TTS_SPECIALS])
-    tok.add_tokens([AddedToken(f"<|spk_{s}|>", special=True, normalized=False) for s in SPEAKERS])
     tok.padding_side = "left"
     return tok
 
@@ -123,6 +78,17 @@ def _configs(tok) -> dict:
     vocab = len(tok)
     hidden = 32
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]}  # head_dim 8
+    # multimodal placeholder / delimiter ids, the same in the thinker and the talker config
+    modal_ids = {
+        "audio_token_index": ids["<|AUDIO|>"],
+        "image_token_index": ids["<|IMAGE|>"],
+        "video_token_index": ids["<|VIDEO|>"],
+        "audio_start_token_id": ids["<|audio_bos|>"],
+        "audio_end_token_id": ids["<|audio_eos|>"],
+        # read by get_rope_index but not declared by the config class (ENVIRONMENT.md)
+        "vision_start_token_id": ids["<|vision_bos|>"],
+        "vision_end_token_id": ids["<|vision_eos|>"],
+    }
     thinker = {
         "audio_config": {
             "num_mel_bins": 128,
@@ -161,14 +127,7 @@ def _configs(tok) -> dict:
             # larger random weights so greedy answers depend on the input (a demo needs some variety)
             "initializer_range": INIT_RANGE,
         },
-        "audio_token_index": ids["<|AUDIO|>"],
-        "image_token_index": ids["<|IMAGE|>"],
-        "video_token_index": ids["<|VIDEO|>"],
-        "audio_start_token_id": ids["<|audio_bos|>"],
-        "audio_end_token_id": ids["<|audio_eos|>"],
-        # read by get_rope_index but not declared by the config class (ENVIRONMENT.md)
-        "vision_start_token_id": ids["<|vision_bos|>"],
-        "vision_end_token_id": ids["<|vision_eos|>"],
+        **modal_ids,
         "user_token_id": tok.convert_tokens_to_ids("user") if "user" in tok.get_vocab() else 0,
         "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -183,13 +142,7 @@ def _configs(tok) -> dict:
         "tts_text_pad_token_id": ids["<|tts_text_pad|>"],
         "tts_text_start_token_id": ids["<|tts_text_bos|>"],
         "tts_text_end_token_id": ids["<|tts_text_eos|>"],
-        "audio_token_index": ids["<|AUDIO|>"],
-        "image_token_index": ids["<|IMAGE|>"],
-        "video_token_index": ids["<|VIDEO|>"],
-        "audio_start_token_id": ids["<|audio_bos|>"],
-        "audio_end_token_id": ids["<|audio_eos|>"],
-        "vision_start_token_id": ids["<|vision_bos|>"],
-        "vision_end_token_id": ids["<|vision_eos|>"],
+        **modal_ids,
         "embedding_size": hidden,  # the talker embeds thinker hidden states
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -268,11 +221,7 @@ def build(out_dir: pathlib.Path) -> pathlib.Path:
 
     from ..models.qwen_omni import QWEN_OMNI_CHAT_TEMPLATE
 
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+    out_dir = seeded_out_dir(out_dir, SEED)
 
     tok = build_tokenizer()
     tok.chat_template = QWEN_OMNI_CHAT_TEMPLATE

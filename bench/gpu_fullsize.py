@@ -1,0 +1,1043 @@
+"""Speed and memory of capture and intervention on FULL-SIZE model architectures (random bf16 weights).
+
+No checkpoint can be downloaded on the GPU machines, so this builds the real transformers classes at the real
+sizes with random weights directly on the GPU, plugs them into the real adapters and measures, per model and
+batch size, plain generation against generation with stage-1 capture and generation under a steer
+intervention. Speed and memory are representative of the real checkpoints; the generated tokens are not.
+
+Models (sizes as published; the tiny tokenizers' special-token ids replace the real ones, the vocabulary
+sizes stay the real ones, so the tokenizer ids are a subset of the embedding table):
+
+(a) Qwen2.5-Omni-7B: `Qwen2_5OmniForConditionalGeneration` with `enable_audio_output=False`, i.e. the thinker
+    only (audio encoder + vision encoder + text decoder, about 8.9 B parameters); talker and token2wav are not
+    built. Text decoder: hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 KV heads, vocab 152064,
+    rope theta 1e6, mrope_section [16, 24, 24], untied lm_head. Audio encoder: d_model 1280, 32 layers,
+    20 heads, ffn 5120, 128 mel bins, output_dim 3584. Vision encoder (loaded but unused here): depth 32,
+    hidden 1280, intermediate 3420, 16 heads, out_hidden_size 3584.
+    Sources: transformers `models/qwen2_5_omni/configuration_qwen2_5_omni.py` (defaults documented as
+    `Qwen/Qwen2.5-Omni-7B`: text 3584/18944/28/28/4, vocab 152064, audio 1280/32/20/5120/128 -> 3584);
+    public config.json files of Qwen2.5-Omni-7B derivatives that keep its architecture, e.g.
+    https://huggingface.co/VoiceNet/voiceclap-large/blob/main/config.json (thinker audio_config d_model 1280,
+    encoder_layers 32, encoder_attention_heads 20, encoder_ffn_dim 5120, num_mel_bins 128, output_dim 3584;
+    text_config hidden_size 3584, intermediate_size 18944) and
+    https://huggingface.co/Duofu/EmotionThinker/blob/main/config.json (`Qwen2_5OmniForConditionalGeneration`,
+    hidden_size 3584, talker from "Qwen2.5-Omni-7B/talker"); NVIDIA Megatron-Bridge's Qwen2.5-Omni provider
+    (https://docs.nvidia.com/nemo/megatron-bridge/latest/apidocs/bridge/bridge.models.qwen_omni.qwen25_omni_provider.html:
+    mrope_section [16, 24, 24], vocab 152064, separate `thinker.lm_head.weight`).
+(b) Audio Flamingo 3 (`nvidia/audio-flamingo-3-hf`): `AudioFlamingo3ForConditionalGeneration` = Whisper-large-v3
+    sized encoder (hidden 1280, 32 layers, 20 heads, ffn 5120, 128 mel bins) + projector + Qwen2.5-7B LM
+    (hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 KV heads, rope theta 1e6, vocab 151672).
+    Source: transformers `models/audioflamingo3/convert_audioflamingo3_to_hf.py` (the converter that wrote the
+    -hf checkpoint: `Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+    num_hidden_layers=28, num_key_value_heads=4, rope_theta=1000000.0, use_cache=False, vocab_size=151672)`
+    and `AudioFlamingo3Config(text_config=...)` with the default `AudioFlamingo3EncoderConfig`, i.e.
+    1280/32/20/5120/128).
+
+Per model and batch size (1 and 4), over N synthetic ~5 s 16 kHz clips with the SER prompt, greedy,
+max_new_tokens 20, after an untimed warm-up pass over every batch shape, in `--rounds` timed passes (order
+of the modes alternated between rounds; one untimed warm-up batch before each mode's pass):
+  plain    no hooks at all
+  capture  SpanTracker + StatsRecorder on the thinker gate site (act_fn output), result copied to host once
+           per batch (as `emotion_neurons.generate.run` does)
+  steer    SpanTracker + Intervention steer, alpha 1.0, a random 0.5 % of the neurons of every layer, all positions
+  steer0   the same with alpha 0 (a check: its output must equal plain's)
+Time per instance (torch.cuda.synchronize around each batch; split into input preparation and generation;
+mean over rounds), peak GPU memory per mode (torch.cuda.max_memory_allocated, reset before each mode),
+capture and steer overhead versus plain, and checks: captured token counts per span positive (audio count =
+placeholders), steer0 text equal to plain's, and token ids of capture / steer0 / a repeated plain pass against
+plain. Because greedy argmax over a random 150k vocabulary in bf16 is full of near-ties, any 1-ulp difference
+flips tokens; a determinism report therefore compares probe-module outputs and logits of one prefill bitwise
+(plain vs plain again, vs steer0, vs capture; default and deterministic algorithms) and generates the same
+instance twice without hooks (default, with another generation in between, deterministic algorithms, SDPA
+without the cuDNN backend, SDPA math only), comparing ids and per-step logits. On the H100 / torch 2.11 /
+transformers 5.17 run, Qwen2.5-Omni's decode steps differed run to run under default SDPA and under
+deterministic algorithms, and were bitwise reproducible once the cuDNN SDPA backend was excluded
+(bench/RESULTS-gpu-fullsize.md).
+
+Run on a GPU machine:  PYTHONPATH=src python bench/gpu_fullsize.py --out DIR
+Smoke test on CPU:     PYTHONPATH=src python bench/gpu_fullsize.py --tiny --out /tmp/bench_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+
+from emotion_neurons import SPANS
+from emotion_neurons.hooks import Intervention, InterventionSpec, SpanTracker, StatsRecorder
+from emotion_neurons.prompts import option_order, ser_prompt
+from emotion_neurons.types import GenerationSettings, Instance
+
+SR = 16000
+LABELS = ["neutral", "angry", "happy", "sad", "surprise"]
+#: tasks.ser.prompt of config.yaml at the time of writing (read from config.yaml when it is there)
+SER_TEMPLATE = (
+    "What emotion does the speaker express in this audio? Choose one option.\n{options}\n"
+    "Answer with the number of the option only."
+)
+MODES = ("plain", "capture", "steer", "steer0")
+
+# -- published sizes -----------------------------------------------------------------------------------------
+QWEN_OMNI_7B_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+)
+QWEN_OMNI_7B_AUDIO = dict(
+    d_model=1280,
+    encoder_layers=32,
+    encoder_attention_heads=20,
+    encoder_ffn_dim=5120,
+    num_mel_bins=128,
+    output_dim=3584,
+    n_window=100,
+    max_source_positions=1500,
+    initializer_range=0.02,
+)
+QWEN_OMNI_7B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_channels=3,
+    out_hidden_size=3584,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    initializer_range=0.02,
+)
+#: thinker-level keys taken over from the tiny checkpoint (token ids of the tiny tokenizer, TMRoPE timing)
+QWEN_THINKER_ID_KEYS = (
+    "audio_token_index",
+    "image_token_index",
+    "video_token_index",
+    "audio_start_token_id",
+    "audio_end_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "user_token_id",
+    "pad_token_id",
+    "eos_token_id",
+    "position_id_per_seconds",
+    "seconds_per_chunk",
+)
+AF3_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=151672,
+    max_position_embeddings=32768,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    tie_word_embeddings=False,
+    use_cache=False,  # as the converter writes it; the adapter forces the cache on
+    initializer_range=0.02,
+)
+AF3_AUDIO = dict(  # Whisper-large-v3 encoder
+    num_mel_bins=128,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    intermediate_size=5120,
+    hidden_size=1280,
+    max_source_positions=1500,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# -- model construction --------------------------------------------------------------------------------------
+def build_random(
+    cls: Any, config: Any, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, dict[str, Any]]:
+    """Instantiate `cls(config)` with its tensors allocated on `device` in `dtype` (no CPU copy, no download).
+
+    The module constructors allocate straight on the device (torch.device context) and the constructors'
+    and transformers' weight initialisation draw the random values there, so a 7-8 B model takes about a
+    second; every parameter and floating buffer is checked finite. RoPE and sinusoid buffers are computed by
+    the constructors as in `from_pretrained`.
+    """
+    sync(device)
+    t0 = time.perf_counter()
+    with quiet_transformers(), torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    model.eval()
+    sync(device)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad += [
+        n for n, b in model.named_buffers() if b.is_floating_point() and not bool(torch.isfinite(b).all())
+    ]
+    if bad:
+        raise RuntimeError(f"non-finite random tensors: {bad[:10]}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    devices = sorted({str(p.device) for p in model.parameters()})
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    info = {
+        "class": cls.__name__,
+        "build_seconds": round(build_s, 2),
+        "finite_check_seconds": round(time.perf_counter() - t0, 2),
+        "n_params": int(n_params),
+        "weights_gib": round(n_bytes / 2**30, 3),
+        "param_devices": devices,
+        "param_dtypes": dtypes,
+    }
+    return model, info
+
+
+def qwen_config(tiny_dir: Path, tiny: bool) -> Any:
+    from transformers import Qwen2_5OmniConfig
+
+    with quiet_transformers():
+        tiny_cfg = Qwen2_5OmniConfig.from_pretrained(tiny_dir)
+        if tiny:
+            tiny_cfg.enable_audio_output = False
+            return tiny_cfg
+        th = tiny_cfg.thinker_config
+        thinker: dict[str, Any] = {
+            k: getattr(th, k) for k in QWEN_THINKER_ID_KEYS if getattr(th, k, None) is not None
+        }
+        text = dict(QWEN_OMNI_7B_TEXT)
+        text.update(pad_token_id=th.text_config.pad_token_id, eos_token_id=th.text_config.eos_token_id)
+        thinker.update(
+            text_config=text, audio_config=dict(QWEN_OMNI_7B_AUDIO), vision_config=dict(QWEN_OMNI_7B_VISION)
+        )
+        # talker/token2wav configs keep their defaults: with enable_audio_output=False they are not built
+        return Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
+
+
+def af3_config(tiny_dir: Path, tiny: bool) -> Any:
+    from transformers import AudioFlamingo3Config, AudioFlamingo3EncoderConfig, Qwen2Config
+
+    tiny_cfg = AudioFlamingo3Config.from_pretrained(tiny_dir)
+    if tiny:
+        return tiny_cfg
+    tt = tiny_cfg.text_config
+    text = Qwen2Config(
+        **AF3_TEXT, bos_token_id=tt.bos_token_id, eos_token_id=tt.eos_token_id, pad_token_id=tt.pad_token_id
+    )
+    return AudioFlamingo3Config(
+        audio_config=AudioFlamingo3EncoderConfig(**AF3_AUDIO),
+        text_config=text,
+        audio_token_id=tiny_cfg.audio_token_id,
+    )
+
+
+def load_adapter(name: str, model: Any, tiny_dir: Path, device: torch.device) -> Any:
+    """Run the adapter's real `load()` on the tiny directory, with `from_pretrained` returning `model`.
+
+    So tokenizer, feature extractor / processor, stop ids, pad id, device and every consistency check are set
+    exactly as for a real checkpoint; only the weights come from `model` instead of the disk.
+    """
+    from emotion_neurons.models import get_adapter
+
+    adapter = get_adapter(name)
+    if name == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniForConditionalGeneration as cls
+    else:
+        from transformers import AudioFlamingo3ForConditionalGeneration as cls
+    with mock.patch.object(cls, "from_pretrained", staticmethod(lambda *a, **k: model)):
+        adapter.load(
+            str(tiny_dir), device=str(device), dtype=str(next(model.parameters()).dtype).split(".")[-1]
+        )
+    if adapter.model is not model:
+        raise RuntimeError("adapter did not take the prebuilt model")
+    return adapter
+
+
+# -- inputs --------------------------------------------------------------------------------------------------
+def ser_template() -> str:
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+        tmpl = cfg["tasks"]["ser"]["prompt"]
+        if "{options}" in tmpl:
+            return tmpl
+    except Exception:  # noqa: BLE001 - the constant is the fallback
+        pass
+    return SER_TEMPLATE
+
+
+def synthetic(n: int, seconds: float) -> tuple[list[Instance], list[np.ndarray]]:
+    """N SER instances with ~`seconds` of 16 kHz audio (a tone plus noise, lengths varied +-8 %)."""
+    template = ser_template()
+    rng = np.random.default_rng(0)
+    insts, audios = [], []
+    for i in range(n):
+        dur = seconds * (0.92 + 0.16 * i / max(1, n - 1))
+        t = np.arange(int(dur * SR)) / SR
+        freq = 150.0 + 40.0 * i
+        wav = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        wav = (wav + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+        iid = f"bench/{i:02d}"
+        options = option_order(LABELS, iid, 0)
+        insts.append(
+            Instance(
+                id=iid, task="ser", wav="", speaker="s", emotion=LABELS[i % len(LABELS)], split="ident",
+                prompt=ser_prompt(template, options), options=options,
+            )
+        )  # fmt: skip
+        audios.append(wav)
+    return insts, audios
+
+
+# -- benchmark -----------------------------------------------------------------------------------------------
+class IdRecorder:
+    """Keeps the token ids `generate` returned last (the adapters only hand back decoded text)."""
+
+    def __init__(self, modules: list[Any]) -> None:
+        self.last: torch.Tensor | None = None
+        self.modules = list(modules)
+        for m in self.modules:
+            m.generate = self._wrap(m.generate)
+
+    def _wrap(self, fn):
+        def generate(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seq = out if isinstance(out, torch.Tensor) else out.sequences
+            self.last = seq.detach().cpu()
+            return out
+
+        return generate
+
+    def remove(self) -> None:
+        """Drop the wrappers (they close over bound methods, a reference cycle that keeps the model alive)."""
+        for m in self.modules:
+            if "generate" in m.__dict__:
+                del m.__dict__["generate"]
+        self.modules = []
+
+
+def random_masks(
+    n_layers: int, n_neurons: int, frac: float, device: torch.device, seed: int = 0
+) -> torch.Tensor:
+    """[L, N] bool: `round(frac * N)` random neurons per layer (at least one)."""
+    k = max(1, int(round(frac * n_neurons)))
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.zeros(n_layers, n_neurons, dtype=torch.bool)
+    for layer in range(n_layers):
+        m[layer, torch.randperm(n_neurons, generator=gen)[:k]] = True
+    return m.to(device)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool, caught: list[str] | None = None):
+    """cuDNN deterministic algorithms and torch's deterministic implementations (warn only), restored after.
+
+    Ops without a deterministic implementation still run (warn_only); their warnings go to `caught`.
+    """
+    if not enabled:
+        yield
+        return
+    prev = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    prev_alg = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            yield
+        if caught is not None:
+            for w in ws:
+                msg = f"{w.category.__name__}: {str(w.message)[:300]}"
+                if msg not in caught:
+                    caught.append(msg)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev
+        torch.use_deterministic_algorithms(prev_alg, warn_only=prev_warn)
+
+
+@contextlib.contextmanager
+def repro_setting(name: str, caught: list[str]):
+    """default(_interleaved) | deterministic | sdpa_no_cudnn (flash, efficient, math) | sdpa_math (math only)."""
+    if name in ("default", "default_interleaved"):
+        yield
+    elif name == "deterministic":
+        with deterministic(True, caught):
+            yield
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.MATH]
+        if name == "sdpa_no_cudnn":
+            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            yield
+
+
+class Hooks:
+    """The hook set of one mode: none (plain), tracker + recorder (capture), tracker + steer (steer, steer0)."""
+
+    def __init__(self, adapter: Any, mode: str, masks: torch.Tensor) -> None:
+        self.adapter, self.mode, self.masks = adapter, mode, masks
+        self.sites = adapter.resolve_sites("thinker", "gate")
+        self.tracker = SpanTracker(adapter.component_stop_token_ids("thinker"))
+        self.root = adapter.decoder_root("thinker")
+        self.iv: Intervention | None = None
+        self.rec: StatsRecorder | None = None
+
+    @contextlib.contextmanager
+    def attached(self):
+        with contextlib.ExitStack() as stack:
+            if self.mode != "plain":
+                stack.enter_context(self.tracker.attached(self.root))
+            if self.mode in ("steer", "steer0"):
+                alpha = 1.0 if self.mode == "steer" else 0.0
+                spec = InterventionSpec("steer", alpha=alpha, positions="all")
+                self.iv = stack.enter_context(Intervention(self.sites, self.tracker, spec).attached())
+            if self.mode == "capture":
+                self.rec = stack.enter_context(StatsRecorder(self.sites, self.tracker).attached())
+            yield self
+
+    def arm(self, prepared: Any) -> None:
+        """Per batch, as `emotion_neurons.generate.run` does before `adapter.generate`."""
+        self.tracker.start(self.adapter.prefill_span_codes("thinker", prepared))
+        n = int(prepared.inputs["input_ids"].shape[0])
+        if self.rec is not None:
+            self.rec.reset(n)
+        if self.iv is not None:
+            self.iv.set_masks(self.masks.unsqueeze(0).expand(n, -1, -1))
+
+
+def run_mode(
+    adapter: Any,
+    mode: str,
+    bs: int,
+    insts: list[Instance],
+    audios: list[np.ndarray],
+    settings: GenerationSettings,
+    masks: torch.Tensor,
+    ids: IdRecorder,
+    device: torch.device,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Generate for all instances in batches of `bs` under `mode`; time, peak memory, ids and capture checks."""
+    hooks = Hooks(adapter, mode, masks)
+    batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
+    rows: dict[str, dict[str, Any]] = {}
+    checks: list[str] = []
+    t_prep = t_gen = 0.0
+    n_tokens = 0
+    with hooks.attached():
+        start_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # one untimed warm-up batch (the first), then every batch timed
+        plan = ([(True, batches[0])] if warmup else []) + [(False, b) for b in batches]
+        for warm, idx in plan:
+            batch = [insts[i] for i in idx]
+            sync(device)
+            t0 = time.perf_counter()
+            prepared = adapter.prepare(batch, [audios[i] for i in idx])
+            hooks.arm(prepared)
+            sync(device)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                gen = adapter.generate(prepared, settings)
+            stats = hooks.rec.result() if hooks.rec is not None else None  # host copy, once per batch
+            sync(device)
+            t2 = time.perf_counter()
+            if warm:
+                continue
+            t_prep += t1 - t0
+            t_gen += t2 - t1
+            prompt_len = int(prepared.inputs["input_ids"].shape[1])
+            new = ids.last[:, prompt_len:]
+            n_audio = (prepared.span_codes == SPANS.index("audio")).sum(-1).tolist()
+            for j, (inst, g) in enumerate(zip(batch, gen, strict=True)):
+                n_tokens += g.n_generated
+                row = {"ids": new[j].tolist(), "text": g.text, "n_generated": g.n_generated}
+                if stats is not None:
+                    tok = stats["tokens"][j].tolist()
+                    row["tokens_per_span"] = dict(zip(SPANS, tok, strict=True))
+                    if not all(t > 0 for t in tok):
+                        checks.append(f"{inst.id}: a span has no captured tokens: {row['tokens_per_span']}")
+                    if tok[SPANS.index("audio")] != n_audio[j]:
+                        checks.append(f"{inst.id}: audio tokens {tok[0]} != placeholders {n_audio[j]}")
+                    if not np.isfinite(stats["act_sum"][j]).all():
+                        checks.append(f"{inst.id}: non-finite activation sums")
+                rows[inst.id] = row
+    n = len(insts)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "mode": mode,
+        "batch_size": bs,
+        "n": n,
+        "seconds_per_instance": (t_prep + t_gen) / n,
+        "prepare_seconds_per_instance": t_prep / n,
+        "generate_seconds_per_instance": t_gen / n,
+        "generated_tokens": n_tokens,
+        "peak_gpu_gib": None if peak is None else round(peak / 2**30, 3),
+        "peak_over_start_gib": None if peak is None else round((peak - start_bytes) / 2**30, 3),
+        "check_failures": checks,
+        "rows": rows,
+    }
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        out = list(out.values()) if isinstance(out, dict) else list(out.to_tuple())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    return None
+
+
+def probe_modules(adapter: Any) -> dict[str, torch.nn.Module]:
+    """Modules whose outputs the forward-determinism check compares, from the audio input to the logits."""
+    sites = adapter.resolve_sites("thinker", "gate")
+    names = dict(adapter.model.named_modules())
+    wanted: dict[str, torch.nn.Module] = {}
+    for name in names:
+        for suffix in ("audio_tower.conv1", "audio_tower.layers.0", "audio_tower"):
+            if name.endswith(suffix) and suffix not in wanted:
+                wanted[suffix] = names[name]
+    layer0 = sites[0].name.rsplit(".mlp.", 1)[0]
+    wanted["lm.layers.0"] = names[layer0]
+    wanted["lm.layers.0.act_fn"] = sites[0].module
+    wanted[f"lm.layers.{len(sites) - 1}.act_fn"] = sites[-1].module
+    return wanted
+
+
+def forward_outputs(adapter: Any, mode: str, prepared: Any, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One prefill forward of the decoder root (no cache) under `mode`; probe outputs + last-position logits."""
+    hooks = Hooks(adapter, mode, masks)
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name: str):
+        def hook(module, args, output):
+            t = _first_tensor(output)
+            if t is not None and name not in got:
+                got[name] = t.detach().clone()
+
+        return hook
+
+    try:
+        with hooks.attached():
+            for name, module in probe_modules(adapter).items():
+                handles.append(module.register_forward_hook(keep(name)))
+            hooks.arm(prepared)
+            with torch.inference_mode():
+                out = hooks.root(**prepared.inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    got["logits[:, -1]"] = out.logits[:, -1].detach().clone()
+    del out
+    return got
+
+
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
+    res = {}
+    for k in a:
+        x, y = a[k], b.get(k)
+        if y is None or x.shape != y.shape:
+            res[k] = "missing or shape differs"
+            continue
+        res[k] = {
+            "equal": bool(torch.equal(x, y)),
+            "max_abs_diff": float((x.float() - y.float()).abs().max()),
+        }
+    return res
+
+
+def raw_generate(adapter: Any, prepared: Any, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation with per-step logits, called the way the adapter calls it (new ids, [B, steps, V])."""
+    common: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=adapter.stop_token_ids,
+        pad_token_id=adapter.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with torch.inference_mode():
+        if hasattr(adapter.model, "thinker"):  # Qwen2.5-Omni without speakers: the adapter calls the thinker
+            out = adapter.model.thinker.generate(**prepared.inputs, use_audio_in_video=False, **common)
+        else:
+            out = adapter.model.generate(
+                **prepared.inputs, use_cache=True, repetition_penalty=1.0, temperature=None, top_p=None,
+                top_k=None, **common,
+            )  # fmt: skip
+    new = out.sequences[:, prepared.inputs["input_ids"].shape[1] :].cpu()
+    return new, torch.stack(list(out.logits), 1).float()
+
+
+def generation_repro(
+    adapter: Any, insts: list[Instance], audios: list[np.ndarray], max_new_tokens: int, k: int
+) -> dict[str, Any]:
+    """Generate each of the first `k` instances twice (bs 1) per setting; compare ids and per-step logits.
+
+    `default_interleaved` runs a bs-4 generation of other instances between the two runs (allocator and
+    kernel state change in between), the other settings run the two generations back to back.
+    """
+    out: dict[str, Any] = {}
+    caught: list[str] = []
+    other = adapter.prepare(insts[-4:], audios[-4:])
+    for setting in ("default", "default_interleaved", "deterministic", "sdpa_no_cudnn", "sdpa_math"):
+        res: dict[str, Any] = {"rows_equal_ids": 0, "first_logit_diff_step": [], "first_id_diff_step": []}
+        step0, anydiff = 0.0, 0.0
+        try:
+            with repro_setting(setting, caught):
+                for i in range(k):
+                    prepared = adapter.prepare(insts[i : i + 1], audios[i : i + 1])
+                    ids_a, log_a = raw_generate(adapter, prepared, max_new_tokens)
+                    if setting == "default_interleaved":
+                        raw_generate(adapter, other, max_new_tokens)
+                    ids_b, log_b = raw_generate(adapter, prepared, max_new_tokens)
+                    res["rows_equal_ids"] += int(bool(torch.equal(ids_a, ids_b)))
+                    n = min(log_a.shape[1], log_b.shape[1])
+                    diff = (log_a[:, :n] - log_b[:, :n]).abs().amax(dim=(0, 2))  # per step
+                    steps = torch.nonzero(diff > 0).flatten().tolist()
+                    res["first_logit_diff_step"].append(steps[0] if steps else -1)
+                    id_steps = torch.nonzero(ids_a[0, :n] != ids_b[0, :n]).flatten().tolist()
+                    res["first_id_diff_step"].append(id_steps[0] if id_steps else -1)
+                    step0 = max(step0, float(diff[0]))
+                    # compare only up to the first id divergence: later steps see different inputs
+                    upto = id_steps[0] + 1 if id_steps else n
+                    anydiff = max(anydiff, float(diff[:upto].max()))
+        except Exception as e:  # noqa: BLE001 - a backend may not support these shapes
+            res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        res["step0_max_abs_logit_diff"] = step0
+        res["max_abs_logit_diff_before_divergence"] = anydiff
+        res["pairs"] = k
+        out[setting] = res
+    out["deterministic_mode_warnings"] = caught[:20]
+    return out
+
+
+def determinism_report(
+    adapter: Any,
+    insts: list[Instance],
+    audios: list[np.ndarray],
+    masks: torch.Tensor,
+    batch_sizes: list[int],
+    max_new_tokens: int,
+    k: int,
+) -> dict[str, Any]:
+    """Are hooks exact no-ops (capture, steer alpha 0), and is the model itself run-to-run reproducible?
+
+    Forward level: outputs of probe modules and the last-position logits of one prefill (the largest batch),
+    plain vs plain again, vs steer0, vs capture, with default and with deterministic algorithms.
+    Generation level (no hooks): the same instance generated twice, under default settings, with another
+    generation in between, with deterministic algorithms, and with restricted SDPA backends.
+    """
+    bs = max(batch_sizes)
+    prepared = adapter.prepare(insts[:bs], audios[:bs])
+    report: dict[str, Any] = {"forward_batch_size": bs}
+    for det in (False, True):
+        with deterministic(det):
+            base = forward_outputs(adapter, "plain", prepared, masks)
+            report[f"forward{'_deterministic' if det else ''}"] = {
+                m: compare(base, forward_outputs(adapter, "plain" if m == "plain2" else m, prepared, masks))
+                for m in ("plain2", "steer0", "capture")
+            }
+            del base
+    report["generate_twice_bs1"] = generation_repro(adapter, insts, audios, max_new_tokens, k)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return report
+
+
+def bench_model(
+    name: str, label: str, tiny_dir: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    from transformers import (
+        AudioFlamingo3ForConditionalGeneration,
+        GenerationConfig,
+        Qwen2_5OmniForConditionalGeneration,
+    )
+
+    res: dict[str, Any] = {"model": label, "adapter": name}
+    if name == "qwen2_5_omni":
+        cfg = qwen_config(tiny_dir, args.tiny)
+        model, info = build_random(Qwen2_5OmniForConditionalGeneration, cfg, device, dtype)
+        text_cfg = cfg.thinker_config.text_config
+        audio_layers = cfg.thinker_config.audio_config.encoder_layers
+        info["built"] = "Qwen2_5OmniForConditionalGeneration(enable_audio_output=False): thinker only"
+        info["has_talker"] = bool(getattr(model, "has_talker", False))
+    else:
+        cfg = af3_config(tiny_dir, args.tiny)
+        model, info = build_random(AudioFlamingo3ForConditionalGeneration, cfg, device, dtype)
+        # the checkpoint's sampling generation config, which the adapter overrides for greedy decoding
+        model.generation_config = GenerationConfig.from_pretrained(tiny_dir)
+        text_cfg = cfg.text_config
+        audio_layers = cfg.audio_config.num_hidden_layers
+        info["built"] = "AudioFlamingo3ForConditionalGeneration (encoder + projector + Qwen2 LM)"
+    info.update(
+        text_hidden=text_cfg.hidden_size,
+        text_intermediate=text_cfg.intermediate_size,
+        text_layers=text_cfg.num_hidden_layers,
+        text_heads=text_cfg.num_attention_heads,
+        text_kv_heads=text_cfg.num_key_value_heads,
+        vocab=text_cfg.vocab_size,
+        audio_encoder_layers=audio_layers,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+    )
+    if device.type == "cuda":
+        info["allocated_after_build_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    res["build"] = info
+    log(
+        f"{label}: built {info['n_params'] / 1e9:.2f} B params, {info['weights_gib']} GiB "
+        f"in {info['build_seconds']} s (allocated {info.get('allocated_after_build_gib')} GiB)"
+    )
+
+    adapter = load_adapter(name, model, tiny_dir, device)
+    del model
+    sites = adapter.resolve_sites("thinker", "gate")
+    n_neurons = adapter.n_neurons("thinker")
+    res["sites"] = {"n_layers": len(sites), "n_neurons": n_neurons, "first": sites[0].name}
+    del sites
+    masks = random_masks(res["sites"]["n_layers"], n_neurons, args.mask_frac, device)
+    res["mask_neurons_per_layer"] = int(masks[0].sum())
+    gen_modules = [adapter.model] + ([adapter.model.thinker] if hasattr(adapter.model, "thinker") else [])
+    ids = IdRecorder(gen_modules)
+    del gen_modules
+    insts, audios = synthetic(args.n, args.seconds)
+    res["prompt_example"] = insts[0].prompt
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    try:
+        # warm-up: every batch shape once, untimed
+        for bs in args.batch_sizes:
+            run_mode(adapter, "plain", bs, insts, audios, settings, masks, ids, device, warmup=False)
+        log(f"{label}: warm-up done")
+        rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        plan = [(bs, mode) for bs in args.batch_sizes for mode in MODES]
+        for rnd in range(args.rounds):
+            for bs, mode in plan if rnd % 2 == 0 else plan[::-1]:  # alternate the order against drift
+                r = run_mode(adapter, mode, bs, insts, audios, settings, masks, ids, device)
+                rounds.setdefault((mode, bs), []).append(r)
+                log(
+                    f"{label} round {rnd} bs={bs} {mode:7s}: {r['seconds_per_instance']:.3f} s/inst "
+                    f"(prepare {r['prepare_seconds_per_instance']:.3f}, generate "
+                    f"{r['generate_seconds_per_instance']:.3f}), peak {r['peak_gpu_gib']} GiB"
+                )
+        res["runs"], res["checks"] = summarise(rounds, args)
+        log(f"{label}: checks {json.dumps(res['checks'])}")
+        if not args.skip_determinism:
+            res["determinism"] = determinism_report(
+                adapter, insts, audios, masks, args.batch_sizes, args.max_new_tokens, args.repro_pairs
+            )
+            log(f"{label}: determinism {json.dumps(res['determinism'])}")
+    finally:
+        ids.remove()
+        del adapter, ids, masks
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            res["allocated_after_release_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    return res
+
+
+def summarise(
+    rounds: dict[tuple[str, int], list[dict[str, Any]]], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Mean over rounds per (mode, batch size); ratios against plain; id comparisons within each round."""
+    runs: list[dict[str, Any]] = []
+    by: dict[tuple[str, int], dict[str, Any]] = {}
+    for bs in args.batch_sizes:
+        for mode in MODES:
+            rs = rounds[(mode, bs)]
+            s = [r["seconds_per_instance"] for r in rs]
+            g = [r["generate_seconds_per_instance"] for r in rs]
+            p = [r["prepare_seconds_per_instance"] for r in rs]
+            tok = sum(r["generated_tokens"] for r in rs)
+            row = {
+                "mode": mode,
+                "batch_size": bs,
+                "n": rs[0]["n"],
+                "rounds": len(rs),
+                "seconds_per_instance": round(float(np.mean(s)), 4),
+                "seconds_per_instance_rounds": [round(x, 4) for x in s],
+                "prepare_seconds_per_instance": round(float(np.mean(p)), 4),
+                "generate_seconds_per_instance": round(float(np.mean(g)), 4),
+                "generated_tokens_per_round": [r["generated_tokens"] for r in rs],
+                "generated_tokens_per_second": round(tok / (float(np.sum(g)) * rs[0]["n"]), 2),
+                "peak_gpu_gib": max((r["peak_gpu_gib"] or 0) for r in rs)
+                if rs[0]["peak_gpu_gib"] is not None
+                else None,
+                "peak_over_start_gib": (
+                    max(r["peak_over_start_gib"] for r in rs)
+                    if rs[0]["peak_over_start_gib"] is not None
+                    else None
+                ),
+                "check_failures": sorted({c for r in rs for c in r["check_failures"]}),
+                "n_generated": {k: v["n_generated"] for k, v in rs[0]["rows"].items()},
+            }
+            if mode == "plain":
+                row["rows_round0"] = rs[0]["rows"]
+            if mode == "capture":
+                row["tokens_per_span"] = {k: v["tokens_per_span"] for k, v in rs[0]["rows"].items()}
+            by[(mode, bs)] = row
+            runs.append(row)
+    checks: dict[str, Any] = {}
+    for bs in args.batch_sizes:
+        plain_rs = rounds[("plain", bs)]
+        plain = by[("plain", bs)]
+        for mode in ("capture", "steer", "steer0"):
+            row, rs = by[(mode, bs)], rounds[(mode, bs)]
+            row["overhead_vs_plain"] = round(row["seconds_per_instance"] / plain["seconds_per_instance"], 3)
+            row["generate_overhead_vs_plain"] = round(
+                row["generate_seconds_per_instance"] / plain["generate_seconds_per_instance"], 3
+            )
+            row["rows_equal_to_plain_ids"] = [
+                int(sum(r["rows"][i]["ids"] == pr["rows"][i]["ids"] for i in pr["rows"]))
+                for r, pr in zip(rs, plain_rs, strict=True)
+            ]
+            row["rows_equal_to_plain_text"] = [
+                int(sum(r["rows"][i]["text"] == pr["rows"][i]["text"] for i in pr["rows"]))
+                for r, pr in zip(rs, plain_rs, strict=True)
+            ]
+        plain["rows_equal_to_round0_ids"] = [
+            int(sum(r["rows"][i]["ids"] == plain_rs[0]["rows"][i]["ids"] for i in r["rows"]))
+            for r in plain_rs
+        ]
+        n = plain["n"]
+        checks[f"bs{bs}_capture_token_counts_positive"] = not by[("capture", bs)]["check_failures"]
+        checks[f"bs{bs}_steer0_text_equal_plain"] = all(
+            x == n for x in by[("steer0", bs)]["rows_equal_to_plain_text"]
+        )
+        checks[f"bs{bs}_steer0_rows_equal_plain_ids"] = by[("steer0", bs)]["rows_equal_to_plain_ids"]
+        checks[f"bs{bs}_capture_rows_equal_plain_ids"] = by[("capture", bs)]["rows_equal_to_plain_ids"]
+        checks[f"bs{bs}_plain_rows_equal_plain_round0_ids"] = plain["rows_equal_to_round0_ids"]
+        checks[f"bs{bs}_steer1_rows_changed"] = [n - x for x in by[("steer", bs)]["rows_equal_to_plain_ids"]]
+    if len(args.batch_sizes) > 1:
+        b0, b1 = args.batch_sizes[0], args.batch_sizes[-1]
+        p0, p1 = rounds[("plain", b0)][0]["rows"], rounds[("plain", b1)][0]["rows"]
+        checks[f"plain_rows_equal_bs{b0}_vs_bs{b1}"] = int(sum(p0[i]["ids"] == p1[i]["ids"] for i in p0))
+    cap = rounds[("capture", args.batch_sizes[0])][0]["rows"]
+    checks["tokens_per_span_example"] = cap[next(iter(cap))]["tokens_per_span"]
+    return runs, checks
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpu_total_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 2)
+        try:
+            env["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30, check=False,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as e:
+            env["nvidia_smi"] = f"unavailable: {e}"
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = []
+    env = result["environment"]
+    a = result["args"]
+    lines.append(
+        f"Device: {env.get('nvidia_smi') or env.get('gpu') or env.get('cpu')}; torch {env['torch']}, "
+        f"transformers {env['transformers']}; {env['date_utc']}; N={a['n']} instances of ~{a['seconds']} s, "
+        f"max_new_tokens {a['max_new_tokens']}, greedy; mean of {a['rounds']} rounds per cell"
+    )
+    lines.append("")
+    lines.append(
+        "| model | bs | mode | s/instance (rounds) | prepare s/inst | generate s/inst | gen tok/s "
+        "| peak GPU GiB | peak over start GiB | vs plain | ids = plain (per round) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in result["models"]:
+        if "error" in m:
+            lines.append(f"| {m['model']} | - | ERROR | {m['error'].splitlines()[-1]} | | | | | | | |")
+            continue
+        for r in m["runs"]:
+            ov = r.get("overhead_vs_plain")
+            eq = r.get("rows_equal_to_plain_ids", r.get("rows_equal_to_round0_ids"))
+            n = r["n"]
+            per = "/".join(f"{x:.3f}" for x in r["seconds_per_instance_rounds"])
+            lines.append(
+                f"| {m['model']} | {r['batch_size']} | {r['mode']} | {r['seconds_per_instance']:.3f} ({per}) "
+                f"| {r['prepare_seconds_per_instance']:.3f} | {r['generate_seconds_per_instance']:.3f} "
+                f"| {r['generated_tokens_per_second']} | {r['peak_gpu_gib']} | {r['peak_over_start_gib']} "
+                f"| {'-' if ov is None else f'{ov:.3f}x'} "
+                f"| {'-' if eq is None else ', '.join(f'{x}/{n}' for x in eq)} |"
+            )
+    lines.append("")
+    for m in result["models"]:
+        if "error" in m:
+            continue
+        b = m["build"]
+        lines.append(
+            f"- {m['model']}: {b['built']}; {b['n_params'] / 1e9:.2f} B params, {b['weights_gib']} GiB "
+            f"{'/'.join(b['param_dtypes'])} on {'/'.join(b['param_devices'])}, built in {b['build_seconds']} s; "
+            f"text {b['text_hidden']}/{b['text_intermediate']}/{b['text_layers']} layers/{b['text_heads']} heads/"
+            f"{b['text_kv_heads']} KV, vocab {b['vocab']}; audio encoder {b['audio_encoder_layers']} layers; "
+            f"attention {b['attn_implementation']}; hooks on {m['sites']['n_layers']} x {m['sites']['n_neurons']} "
+            f"gate neurons, steer mask {m['mask_neurons_per_layer']} per layer"
+        )
+        lines.append(f"  - checks: {json.dumps(m['checks'])}")
+        if "determinism" in m:
+            d = m["determinism"]
+            for key in ("forward", "forward_deterministic"):
+                summary = {
+                    mode: {p: (v["equal"] if isinstance(v, dict) else v) for p, v in probes.items()}
+                    for mode, probes in d[key].items()
+                }
+                lines.append(
+                    f"  - {key} (bs {d['forward_batch_size']}), bitwise equal to plain: {json.dumps(summary)}"
+                )
+            for setting, v in d["generate_twice_bs1"].items():
+                if setting == "deterministic_mode_warnings":
+                    lines.append(f"  - warnings under deterministic algorithms: {json.dumps(v)}")
+                else:
+                    lines.append(f"  - same instance generated twice (bs 1), {setting}: {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for results.json and results.md")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test of this script)")
+    ap.add_argument("--models", nargs="+", default=["qwen2_5_omni", "audio_flamingo3"])
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="timed passes per (mode, batch size), order alternated"
+    )
+    ap.add_argument("--mask-frac", type=float, default=0.005)
+    ap.add_argument("--repro-pairs", type=int, default=4, help="instances generated twice per setting")
+    ap.add_argument(
+        "--skip-determinism", action="store_true", help="skip the bitwise no-op / reproducibility checks"
+    )
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    args = ap.parse_args(argv)
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if not args.tiny and device.type != "cuda":
+        print("full-size models need a CUDA device; use --tiny for a CPU smoke test", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "args": {**vars(args), "dtype": str(dtype)},
+        "environment": environment(device),
+        "models": [],
+    }
+    log(json.dumps(result["environment"]))
+
+    from emotion_neurons.tiny import audio_flamingo3 as tiny_af3
+    from emotion_neurons.tiny import qwen_omni as tiny_qwen
+
+    labels = {
+        "qwen2_5_omni": "Qwen2.5-Omni-7B" + (" (tiny)" if args.tiny else ""),
+        "audio_flamingo3": "AudioFlamingo3" + (" (tiny)" if args.tiny else ""),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_tiny_") as tmp:
+        for name in args.models:
+            gc.collect()
+            t0 = time.perf_counter()
+            try:
+                builder = tiny_qwen if name == "qwen2_5_omni" else tiny_af3
+                with quiet_transformers():
+                    tiny_dir = builder.build(Path(tmp) / name)  # tokenizer, feature extractor/processor, ids
+                log(f"{name}: tiny tokenizer/processor dir built in {time.perf_counter() - t0:.1f} s")
+                res = bench_model(name, labels[name], tiny_dir, args, device, dtype)
+            except Exception:  # noqa: BLE001 - report and go on with the next model
+                res = {"model": labels[name], "adapter": name, "error": traceback.format_exc()}
+                log(res["error"])
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            res["total_seconds"] = round(time.perf_counter() - t0, 1)
+            result["models"].append(res)
+            (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+            (out_dir / "results.md").write_text(markdown(result))
+    print(markdown(result), flush=True)
+    failed = [m["model"] for m in result["models"] if "error" in m]
+    bad = [
+        f"{m['model']}: {k}"
+        for m in result["models"]
+        if "error" not in m
+        for k, v in m["checks"].items()
+        if isinstance(v, bool) and not v
+    ]
+    if failed or bad:
+        log(f"FAILED models {failed}; failed checks {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
