@@ -196,3 +196,35 @@ def test_hook_code_change_reruns_stage1(demo_run, code_copy):
 
 def teardown_module(module):
     shutil.rmtree(REPO / ".snakemake" / "tmp", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_killed_job_leaves_nothing_trusted_and_resumes(tmp_path):
+    """SIGKILL the whole Snakemake process group mid-way through stage 1, then resume."""
+    import signal
+    import time
+
+    from emotion_neurons.tiny.__main__ import build_all
+
+    build_all(REPO / ".tiny")
+    wd = make_workdir(tmp_path / "wd")
+    overlay = tmp_path / "ser-only.yaml"
+    overlay.write_text(yaml.safe_dump({"run_name": "kill", "tasks": {"evc": {"enabled": False}}}))
+    args = ["--cores", "1", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay), "--until", "generate"]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(wd), *args]
+    proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    cache = wd / "results" / "cache" / "stage1"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(cache.glob("*/.shard-*.tmp/.stats.zarr.*")):
+        time.sleep(0.05)
+    assert list(cache.glob("*/.shard-*.tmp/.stats.zarr.*")), "stage 1 never started writing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(cache.glob("*/shard-*-of-*")), "a killed job left an output Snakemake would trust"
+    snakemake(wd, "--unlock", *args)  # a hard kill leaves Snakemake's lock behind
+    snakemake(wd, "--rerun-incomplete", *args)
+    shards = sorted(cache.glob("*/shard-*-of-2"))
+    assert len(shards) == 2 and all((s / "stats.zarr").exists() and (s / "outputs.tsv").exists() for s in shards)
+    assert not list(cache.glob("*/.shard-*.tmp")), "stale temporary folders were not cleaned"
