@@ -97,7 +97,7 @@ def run(
 
     writer = None
     if stats_out is not None:
-        n_neurons = int(sites[0].module.out_features) if site == "pre_act" else adapter.n_neurons(component)
+        n_neurons = adapter.n_neurons(component)
         attrs = {
             "model_version": __version__,
             "code_version": code_version("generate", adapter.name if adapter.name in available() else None),

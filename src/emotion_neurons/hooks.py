@@ -26,7 +26,7 @@ from .models.base import LayerSite
 GENERATED = SPANS.index("generated")
 
 
-def _first_tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
+def first_tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
     value = kwargs.get(name)
     if value is None and args and isinstance(args[0], torch.Tensor):
         value = args[0]
@@ -52,7 +52,7 @@ class SpanTracker:
         self.calls = 0
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = _first_tensor_arg(args, kwargs, "input_ids")
+        ids = first_tensor_arg(args, kwargs, "input_ids")
         if self._prefill is None:
             raise RuntimeError("SpanTracker.start() was not called before the forward pass")
         if self.calls == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -153,12 +154,22 @@ def load_audio(
 
 
 def resample(wav: np.ndarray, sr_from: int, sr_to: int) -> np.ndarray:
-    """Polyphase resampling (scipy) so every stage resamples identically."""
-    if sr_from == sr_to:
-        return wav
-    from math import gcd
+    """Band-limited polyphase resampling (scipy ``resample_poly``, Kaiser-windowed sinc) to float32.
 
+    Why: emotion2vec and Whisper expect 16 kHz; models output 22.05/24 kHz. Polyphase filtering avoids
+    the aliasing of naive interpolation. Output length is ``ceil(len * sr_to / sr_from)``.
+    """
     from scipy.signal import resample_poly
 
-    g = gcd(int(sr_from), int(sr_to))
-    return resample_poly(wav, sr_to // g, sr_from // g).astype(np.float32)
+    sr_from, sr_to = int(sr_from), int(sr_to)
+    if sr_from <= 0 or sr_to <= 0:
+        raise ValueError(f"sample rates must be positive, got {sr_from} -> {sr_to}")
+    x = np.asarray(wav)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
+    x = x.astype(np.float32, copy=False)
+    if sr_from == sr_to or x.shape[0] == 0:
+        return x.copy()
+    g = math.gcd(sr_from, sr_to)
+    y = resample_poly(x, sr_to // g, sr_from // g, axis=0)
+    return np.ascontiguousarray(y, dtype=np.float32)

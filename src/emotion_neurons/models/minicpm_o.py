@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from .. import SPANS
+from ..hooks import first_tensor_arg
 from ..types import GenerationOutput, GenerationSettings, Instance
 from .base import ModelAdapter, Prepared, resolve_device, resolve_dtype, revision_kwargs
 
@@ -83,13 +84,6 @@ AUDIO_PLACEHOLDER = "<audio>./</audio>"
 
 TEXT = SPANS.index("text")
 AUDIO = SPANS.index("audio")
-
-
-def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
-    value = kwargs.get(name)
-    if value is None and args and isinstance(args[0], torch.Tensor):
-        value = args[0]
-    return value
 
 
 def codes_between_markers(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
@@ -200,7 +194,7 @@ class DecoderCallDriver:
         return self.codes_from_ids(ids).to(device)
 
     def _on_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = _first_tensor(args, kwargs, "input_ids")
+        ids = first_tensor_arg(args, kwargs, "input_ids")
         if ids is not None and ids.is_floating_point():
             ids = None
         embeds = kwargs.get("inputs_embeds")

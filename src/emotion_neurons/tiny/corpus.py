@@ -126,7 +126,7 @@ def synthesize(
     sample_rate: int = 16000,
 ) -> np.ndarray:
     """Speak ``text`` with espeak-ng and return float32 mono audio at ``sample_rate``."""
-    from emotion_neurons.judges import resample
+    from emotion_neurons.io import resample
 
     exe = _espeak()
     with tempfile.TemporaryDirectory(prefix="espeak_") as tmp:
