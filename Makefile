@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
 	$(PY) -m pip install -q torch==2.13.0
-	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements/dev.txt -e . torch==2.13.0
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -r requirements/dev.txt -e . torch==2.13.0
 	touch $@
 
 # espeak-ng and sox synthesise the test speech (Debian packages; needs root or sudo).

@@ -192,12 +192,13 @@ def test_condition_grid():
 def test_dataset_fingerprint_tracks_content_not_location(tmp_path):
     import shutil
 
-    from emotion_neurons.config import dataset_fingerprint
+    from emotion_neurons.config import clear_caches, dataset_fingerprint
 
     cfg = make_esd(tmp_path / "a")
     fp = dataset_fingerprint(cfg)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert dataset_fingerprint({**cfg, "root": str(tmp_path / "b")}) == fp  # moved corpus: cache still valid
     sf.write(tmp_path / "a" / "0011" / "Neutral" / "0011_000003.wav", _tone(), 16000)  # an added utterance
+    clear_caches()
     assert dataset_fingerprint(cfg) != fp
     assert dataset_fingerprint({**cfg, "root": str(tmp_path / "nope")}) == "missing"

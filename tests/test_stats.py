@@ -19,8 +19,9 @@ def _stats(rng, n):
     }
 
 
-def _write(path, ids, stats, attrs=None):
-    w = InstanceStatsWriter(path, ids, L, N, {"model_id": "m", "hook_site": "gate", "component": "thinker", **(attrs or {})})
+def _write(path, ids, stats, attrs=None, act_sums="float32"):
+    meta = {"model_id": "m", "hook_site": "gate", "component": "thinker", **(attrs or {})}
+    w = InstanceStatsWriter(path, ids, L, N, meta, act_sums=act_sums)
     w.write(ids[:2], {k: v[:2] for k, v in stats.items()})
     w.write(ids[2:], {k: v[2:] for k, v in stats.items()})
     w.close()
@@ -36,7 +37,8 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(g["pos_count"][:], st["pos_count"])
     np.testing.assert_array_equal(g["act_sum"][:], st["act_sum"])
     np.testing.assert_array_equal(g["tokens"][:], st["tokens"])
-    assert g["pos_count"].chunks[0] == 1  # chunked by instance
+    assert g["pos_count"].chunks[:2] == (1, 1)  # chunked by instance and span
+    assert g["pos_count"].dtype == np.uint16 and g.attrs["layout"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -90,3 +92,98 @@ def test_aggregate_errors(tmp_path):
     with pytest.raises(ValueError, match="more than one"):
         aggregate([tmp_path / "a.zarr", tmp_path / "b.zarr"], {"happy": ["a"]}, ["text"], tmp_path / "o.zarr")
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_float16_sums_and_no_sums(tmp_path):
+    """float16 sums keep M to float16 precision; without sums P is exact and M is absent, not zero."""
+    rng = np.random.default_rng(3)
+    st = _stats(rng, 4)
+    ids = ["a", "b", "c", "d"]
+    groups = {"happy": ["a", "b"], "sad": ["c", "d"]}
+    _write(tmp_path / "h.zarr", ids, st, act_sums="float16")
+    _write(tmp_path / "n.zarr", ids, st, act_sums="none")
+    assert open_store(tmp_path / "h.zarr")["act_sum"].dtype == np.float16
+    assert "act_sum" not in open_store(tmp_path / "n.zarr")
+    aggregate([tmp_path / "h.zarr"], groups, ["text"], tmp_path / "ah.zarr")
+    aggregate([tmp_path / "n.zarr"], groups, ["text"], tmp_path / "an.zarr")
+    ah, _ = load_aggregate(tmp_path / "ah.zarr")
+    an, attrs = load_aggregate(tmp_path / "an.zarr")
+    np.testing.assert_array_equal(ah["P"], an["P"])
+    assert "M" not in an and attrs["has_mean_activation"] is False
+    t = SPANS.index("text")
+    S = st["act_sum"][:2, t].sum(0) / st["tokens"][:2, t].sum()
+    np.testing.assert_allclose(ah["M"][0], S, atol=2e-3)
+
+
+def test_count_overflow_is_refused_with_the_id(tmp_path):
+    rng = np.random.default_rng(4)
+    st = _stats(rng, 2)
+    st["pos_count"][1, 0, 0, 0] = 70000
+    w = InstanceStatsWriter(tmp_path / "s.zarr", ["a", "b"], L, N, {})
+    with pytest.raises(ValueError, match="'b'.*70000"):
+        w.write(["a", "b"], st)
+    w.abort()
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_sum_squares_needs_sums(tmp_path):
+    with pytest.raises(ValueError, match="act_sums"):
+        InstanceStatsWriter(tmp_path / "s.zarr", ["a"], L, N, {}, sum_squares=True, act_sums="none")
+
+
+def test_layout1_store_is_still_read(tmp_path):
+    """Stores written before layout 2 (int32 counts, float32 sums, one chunk per instance) aggregate the same."""
+    import zarr
+
+    rng = np.random.default_rng(5)
+    st = _stats(rng, 3)
+    g = zarr.open_group(tmp_path / "old.zarr", mode="w", zarr_format=3)
+    shape = (3, len(SPANS), L, N)
+    g.create_array("pos_count", shape=shape, chunks=(1, len(SPANS), L, N), dtype="int32")[:] = st["pos_count"]
+    g.create_array("act_sum", shape=shape, chunks=(1, len(SPANS), L, N), dtype="float32")[:] = st["act_sum"]
+    g.create_array("tokens", shape=(3, len(SPANS)), dtype="int64")[:] = st["tokens"]
+    g.attrs.update({"instance_ids": ["x", "y", "z"], "spans": list(SPANS), "n_layers": L, "n_neurons": N,
+                    "model_id": "m", "hook_site": "gate", "component": "thinker"})
+    _write(tmp_path / "new.zarr", ["x", "y", "z"], st)
+    groups = {"happy": ["x", "z"], "sad": ["y"]}
+    aggregate([tmp_path / "old.zarr"], groups, ["audio", "generated"], tmp_path / "ao.zarr")
+    aggregate([tmp_path / "new.zarr"], groups, ["audio", "generated"], tmp_path / "an.zarr")
+    ao, _ = load_aggregate(tmp_path / "ao.zarr")
+    an, _ = load_aggregate(tmp_path / "an.zarr")
+    for k in ("K", "T", "P", "M"):
+        np.testing.assert_array_equal(ao[k], an[k])
+
+
+def test_newer_layout_is_refused(tmp_path):
+    _write(tmp_path / "s.zarr", ["a", "b", "c", "d"], _stats(np.random.default_rng(6), 4))
+    import zarr
+
+    zarr.open_group(tmp_path / "s.zarr", mode="r+").attrs["layout"] = 99
+    with pytest.raises(ValueError, match="layout 99"):
+        open_store(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_parallel_aggregate_matches_numpy_on_many_stores(tmp_path, workers):
+    """Non-contiguous row subsets across several stores, read in parallel, equal a plain numpy sum."""
+    rng = np.random.default_rng(7)
+    stores, data, ids = [], {}, []
+    for s in range(3):
+        sid = [f"s{s}-{i}" for i in range(70)]
+        st = _stats(rng, 70)
+        _write(tmp_path / f"{s}.zarr", sid, st)
+        stores.append(tmp_path / f"{s}.zarr")
+        for i, iid in enumerate(sid):
+            data[iid] = {k: v[i] for k, v in st.items()}
+        ids += sid
+    pick = rng.permutation(ids)
+    groups = {"angry": list(pick[:90]), "sad": list(pick[90:100]), "happy": list(pick[100:101])}
+    spans = ["audio", "generated"]
+    aggregate(stores, groups, spans, tmp_path / "agg.zarr", workers=workers)
+    arrays, _ = load_aggregate(tmp_path / "agg.zarr")
+    sidx = [SPANS.index(s) for s in spans]
+    for e, emo in enumerate(groups):
+        K = sum(data[i]["pos_count"][sidx].astype(np.int64).sum(0) for i in groups[emo])
+        T = sum(data[i]["tokens"][sidx].sum() for i in groups[emo])
+        np.testing.assert_array_equal(arrays["K"][e], K)
+        assert arrays["T"][e] == T

@@ -7,8 +7,11 @@ rule exactly when that subset (or the code it runs, see `code_version`) changes.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +91,14 @@ def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
     return sorted(seen)
 
 
+@functools.cache
 def code_version(stage: str, adapter: str | None = None) -> str:
-    """Hash of the source files a stage runs (Snakemake does not see imported modules on its own)."""
+    """Hash of the source files a stage runs (Snakemake does not see imported modules on its own).
+
+    Computed once per process: Snakemake evaluates every job's params in one process, and re-parsing the
+    import closure per job dominated dry runs of large grids (issue 8). Edits made while a run is in
+    progress are therefore not seen by that run (the README says not to edit `src/` during a run).
+    """
     h = hashlib.sha256()
     for f in stage_files(stage, adapter):
         h.update(str(f.relative_to(PACKAGE_DIR)).encode())
@@ -121,26 +130,110 @@ def task_dataset(config: dict[str, Any], task: str) -> dict[str, Any]:
         raise KeyError(f"tasks.{task}.dataset names {name!r}, which is not under datasets") from None
 
 
-def dataset_fingerprint(dcfg: dict[str, Any]) -> str:
-    """Hash of what the corpus holds (file names and sizes, manifest contents), not where it lives.
+HASH_CACHE_ENV = "EMOTION_NEURONS_HASH_CACHE"
+_hash_lock = threading.Lock()
 
-    Part of the stage-1 cache key, so adding or replacing utterances makes a new store instead of silently
-    reusing statistics of the old corpus. A missing corpus hashes to "missing" (prepare reports it).
+
+def _hash_cache_file() -> Path:
+    return Path(os.environ.get(HASH_CACHE_ENV, "results/cache/content-hashes.json"))
+
+
+def _file_digests(paths: list[Path]) -> list[str]:
+    """sha256 of each file's bytes, cached on disk by (absolute path, size, mtime_ns).
+
+    Content, not size, so a same-size in-place edit of a wav invalidates cached statistics; the cache keeps
+    a 17,500-file corpus cheap to fingerprint on every Snakemake start. A file rewritten with its old size
+    AND its old modification time (e.g. `touch -r`) is not noticed.
     """
+    cache_file = _hash_cache_file()
+    with _hash_lock:
+        try:
+            cache: dict[str, list] = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        out, dirty = [], False
+        for f in paths:
+            st = f.stat()
+            key = str(f.resolve())
+            hit = cache.get(key)
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                out.append(hit[2])
+                continue
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            cache[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+            out.append(h.hexdigest())
+            dirty = True
+        if dirty:
+            try:
+                from .io import write_text
+
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                write_text(cache_file, json.dumps(cache))
+            except OSError:  # a read-only results folder only costs speed
+                pass
+    return out
+
+
+def _emobox_audio(manifest: Path, dcfg: dict[str, Any]) -> list[Path]:
+    base = Path(dcfg.get("wav_root") or manifest.parent)
+    files = []
+    for line in manifest.read_text().splitlines():
+        try:
+            wav = Path(json.loads(line)["wav"]) if line.strip() else None
+        except (ValueError, KeyError, TypeError):
+            wav = None  # malformed lines are reported by prepare, with file and line
+        if wav is not None:
+            files.append(wav if wav.is_absolute() else base / wav)
+    return files
+
+
+def dataset_fingerprint(dcfg: dict[str, Any]) -> str:
+    """Hash of what the corpus holds (relative names and file contents), not where it lives.
+
+    Part of the stage-1 cache key, so adding, replacing or editing utterances makes a new store instead of
+    silently reusing statistics of the old corpus. For EmoBox manifests it covers the manifests and the
+    audio files they list. A missing corpus hashes to "missing" (prepare reports it). Memoised per process.
+    """
+    return _dataset_fingerprint(dumps(dcfg), str(_hash_cache_file()))
+
+
+def clear_caches() -> None:
+    """Forget the per-process memos (for tests and long-lived processes that edit the corpus or the code)."""
+    code_version.cache_clear()
+    _dataset_fingerprint.cache_clear()
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset_fingerprint(dcfg_json: str, _cache_file: str) -> str:
+    dcfg = json.loads(dcfg_json)
     h = hashlib.sha256()
     if dcfg.get("format") == "esd":
         root = Path(dcfg["root"])
         if not root.is_dir():
             return "missing"
+        files = []
         for spk in sorted({*dcfg.get("ident_speakers", []), *dcfg.get("eval_speakers", [])}):
             base = root / spk
             for f in sorted(base.rglob("*")) if base.is_dir() else []:
                 if f.is_file() and (f.suffix == ".wav" or f.name == f"{spk}.txt"):
-                    h.update(f"{f.relative_to(root)}:{f.stat().st_size}\n".encode())
+                    files.append(f)
+        for f, digest in zip(files, _file_digests(files), strict=True):
+            h.update(f"{f.relative_to(root)}:{digest}\n".encode())
     else:
         for key in ("ident_manifest", "eval_manifest"):
             p = Path(dcfg.get(key, ""))
-            h.update(p.read_bytes() if p.is_file() else b"missing")
+            if not p.is_file():
+                h.update(b"missing")
+                continue
+            h.update(p.read_bytes())
+            audio = _emobox_audio(p, dcfg)
+            present = [f for f in audio if f.is_file()]
+            digests = iter(_file_digests(present))
+            for f in audio:  # the manifest fixes the order; a missing file hashes as such (prepare reports it)
+                h.update((next(digests) if f.is_file() else "missing").encode())
     return h.hexdigest()[:16]
 
 

@@ -63,6 +63,7 @@ def run(
     site: str = "gate",
     stats_out: str | Path | None = None,
     sum_squares: bool = False,
+    act_sums: str = "float16",
     intervention=None,
     mask_fn=None,
     on_bad_audio: str = "skip",
@@ -106,7 +107,7 @@ def run(
             "device_map": adapter.device_map(),
             **(store_attrs or {}),
         }
-        writer = InstanceStatsWriter(stats_out, [i.id for i in good], len(sites), n_neurons, attrs, sum_squares)
+        writer = InstanceStatsWriter(stats_out, [i.id for i in good], len(sites), n_neurons, attrs, sum_squares, act_sums)
 
     bs = max(1, batch_size if adapter.supports_batching else 1)
     wav_dir = Path(wav_dir) if wav_dir else None
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             site=p["hook_site"],
             stats_out=tmp / "stats.zarr",
             sum_squares=bool(p["capture"].get("sum_squares", False)),
+            act_sums=p["capture"].get("act_sums", "none"),
             on_bad_audio=p["data"].get("on_bad_audio", "skip"),
             store_attrs={
                 "model_id": p["model"]["id"],

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     P = arrays["P"]
     mask = select(
         P, p["selector"], float(p["r"]), p.get("scope", "global"), int(p.get("mask_seed", 0)),
-        M=arrays["M"], lape_quantile=p.get("lape_quantile"), mad_signed=bool(p.get("mad_signed", False)),
+        M=arrays.get("M"), lape_quantile=p.get("lape_quantile"), mad_signed=bool(p.get("mad_signed", False)),
     )
     prov = {
         **{k: attrs.get(k) for k in ("model_id", "revision", "component", "hook_site", "spans", "n_instances", "task", "filter")},
