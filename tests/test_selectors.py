@@ -388,3 +388,39 @@ def test_invalid_inputs(kwargs: dict, match: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         select(args.pop("P"), args.pop("method"), args.pop("r"), **args)
+
+
+def test_grid_has_a_matched_control_per_selector_mask() -> None:
+    from emotion_neurons.conditions import grid, masks
+
+    cfg = {"selectors": ["lap", "cas", "random"], "r": [0.01], "seed": 4, "random": {"seeds": 2}}
+    ms = {m["mask"]: m for m in masks(cfg)}
+    assert list(ms) == ["lap-r0.01", "cas-r0.01", "random-lap-r0.01-s0", "random-lap-r0.01-s1",
+                        "random-cas-r0.01-s0", "random-cas-r0.01-s1"]
+    assert ms["lap-r0.01"]["mask_seed"] == 4  # the tie-breaking seed
+    assert ms["random-cas-r0.01-s1"]["source_mask"] == "cas-r0.01" and ms["random-cas-r0.01-s1"]["control_of"] == "cas"
+    ids = [c["condition"] for c in grid(cfg, {"interventions": ["deactivate", "steer"], "alpha": [0.5]})]
+    assert "random-cas-r0.01-steer-a0.5-s1" in ids and "cas-r0.01-deactivate" in ids and len(ids) == 1 + 6 * 2
+    with pytest.raises(ValueError, match="'random' is a control matched to another selector"):
+        masks({"selectors": ["random"], "r": [0.01]})
+
+
+def test_schema_select_and_evaluate_keys() -> None:
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    schema = yaml.safe_load((root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    jsonschema.validate(cfg, schema)
+    assert cfg["select"]["lape"]["variant"] == "tang" and cfg["select"]["random"] == {"match": "layers", "seeds": 5}
+    for section, bad in (("select", {"random_seeds": 5}), ("select", {"lape": {"variant": "entropy"}}),
+                         ("select", {"random": {"match": "layer"}}), ("select", {"lape": {"filter_rate": 0}}),
+                         ("evaluate", {"bootstrap": 0}), ("evaluate", {"ci": 1.0})):
+        c = yaml.safe_load((root / "config.yaml").read_text())
+        for k, v in bad.items():
+            c[section][k] = {**c[section][k], **v} if isinstance(v, dict) else v
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(c, schema)
