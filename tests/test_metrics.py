@@ -6,7 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emotion_neurons.metrics import average_random, evc_deltas, evc_summary, ser_effects, ser_summary
+from emotion_neurons.metrics import (
+    average_random,
+    evc_deltas,
+    evc_random_deltas,
+    evc_summary,
+    evc_vs_random,
+    ser_effects,
+    ser_random_effects,
+    ser_summary,
+    ser_vs_random,
+)
 
 NAN = float("nan")
 
@@ -181,7 +191,7 @@ def _ser_rows(cond: dict, mask_emotion: str, correct: dict[str, list[bool]]) -> 
     return rows
 
 
-def _ser_table(random_seeds: tuple[int, ...] = ()) -> pd.DataFrame:
+def _ser_table(random_seeds: tuple[int, ...] = (), control_of: str | None = None) -> pd.DataFrame:
     T, F = True, False
     rows = _ser_rows(_cond("baseline", "", "", 0, 0), "", {"ang": [T, T], "hap": [T, F], "sad": [T, T]})
     c = _cond("cas-r0.005-deactivate", "cas", "deactivate", NAN, 0)
@@ -190,6 +200,9 @@ def _ser_table(random_seeds: tuple[int, ...] = ()) -> pd.DataFrame:
     rows += _ser_rows(c, "sad", {"ang": [T, F], "hap": [T, T], "sad": [F, F]})
     for s in random_seeds:  # seed 0 leaves everything as the baseline; seed 1 breaks one 'ang' answer
         c = _cond(f"random-r0.005-deactivate-s{s}", "random", "deactivate", NAN, s)
+        if control_of is not None:
+            c["condition"] = f"random-{control_of}-r0.005-deactivate-s{s}"
+            c["control_of"] = control_of
         for m in ("ang", "hap", "sad"):
             ang = [T, F] if (s == 1 and m == "hap") else [T, T]
             rows += _ser_rows(c, m, {"ang": ang, "hap": [T, F], "sad": [T, T]})
@@ -293,3 +306,124 @@ def test_ser_errors() -> None:
         ser_effects(t.drop(columns=["correct"]))
     with pytest.raises(ValueError, match="missing required column.*nope"):
         average_random(t, ["nope"])
+
+
+# ------------------------------------------------------------------------------ random controls, clusters
+
+
+def _evc_long(cond: dict, prob: np.ndarray, ids: list[str], targets: list[str], ok=None) -> pd.DataFrame:
+    n = len(ids)
+    ok = np.zeros(n, bool) if ok is None else ok
+    return pd.DataFrame(
+        dict(**cond, id=ids, target=targets, target_prob=prob, emotion_ok=ok, wer=np.zeros(n), cer=np.zeros(n),
+             refusal=np.zeros(n, bool), success=ok)
+    )
+
+
+def _random_cond(sel: str, s: int) -> dict:
+    c = _cond(f"random-{sel}-r0.005-steer-a1-s{s}", "random", "steer", 1.0, s)
+    return {**c, "control_of": sel}
+
+
+def _sources_table(shifts: list[float], noise_seed: int = 0) -> pd.DataFrame:
+    """20 sources x 2 targets; random seed s adds shifts[s] + the same per-instance noise to target_prob."""
+    rng = np.random.default_rng(noise_seed)
+    ids = [f"u{i}->{t}" for i in range(20) for t in ("angry", "sad")]
+    tg = [i.split("->")[1] for i in ids]
+    base = rng.uniform(0.2, 0.6, size=len(ids))
+    noise = rng.normal(0.0, 0.05, size=len(ids))
+    parts = [_evc_long(_cond("baseline", "", "", 0, 0), base, ids, tg)]
+    for s, sh in enumerate(shifts):
+        parts.append(_evc_long(_random_cond("lap", s), base + sh + noise, ids, tg))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _row(df: pd.DataFrame, target: str = "all", metric: str = "target_prob") -> pd.Series:
+    return df[(df["target"] == target) & (df["metric"] == metric)].iloc[0]
+
+
+def test_random_interval_widens_when_seeds_disagree() -> None:
+    agree = evc_random_deltas(_sources_table([0.1, 0.1, 0.1, 0.1, 0.1]), n_boot=2000)
+    disagree = evc_random_deltas(_sources_table([-0.1, 0.0, 0.1, 0.2, 0.3]), n_boot=2000)
+    for t in (agree, disagree):
+        assert set(t["condition"]) == {"random-lap-r0.005-steer-a1"}  # seeds collapsed into one row
+        assert (t["mask_seed"] == -1).all() and (t["n_seeds"] == 5).all() and (t["control_of"] == "lap").all()
+    a, d = _row(agree), _row(disagree)
+    assert a["delta"] == pytest.approx(d["delta"])  # same mean shift, 0.1 + the mean noise
+    assert a["delta_seed_sd"] == pytest.approx(0.0, abs=1e-12)
+    assert d["delta_seed_sd"] == pytest.approx(np.std([-0.1, 0.0, 0.1, 0.2, 0.3], ddof=1))
+    width_a, width_d = a["ci_hi"] - a["ci_lo"], d["ci_hi"] - d["ci_lo"]
+    assert width_d > 3 * width_a
+    # averaging the per-seed bounds (the old report) ignores the seed spread: its width is the agree width
+    per_seed = evc_deltas(_sources_table([-0.1, 0.0, 0.1, 0.2, 0.3]), n_boot=2000)
+    per_seed = per_seed[(per_seed["target"] == "all") & (per_seed["metric"] == "target_prob")]
+    assert (per_seed["ci_hi"] - per_seed["ci_lo"]).mean() < 0.5 * width_d
+    assert d["ci_lo"] < 0.0 < 0.2 < d["ci_hi"]
+
+
+def test_pooled_evc_bootstrap_resamples_source_utterances() -> None:
+    """4 sources x 4 targets; every target of sources u0, u1 gains 1, of u2, u3 nothing: delta 0.5.
+
+    By source: a resample is 4 draws of {1, 1, 0, 0}, all-0 and all-1 each have probability 1/16 > 2.5%, so the
+    95% interval is [0, 1]. By instance it would be the mean of 16 draws (sd 0.125), roughly [0.25, 0.75].
+    """
+    targets = ["angry", "happy", "sad", "surprise"]
+    ids = [f"u{i}->{t}" for i in range(4) for t in targets]
+    tg = [i.split("->")[1] for i in ids]
+    gain = np.array([1.0 if i.startswith(("u0", "u1")) else 0.0 for i in ids])
+    cond = _cond("cas-r0.005-steer-a1", "cas", "steer", 1.0, 0)
+    t = pd.concat([_evc_long(_cond("baseline", "", "", 0, 0), np.zeros(16), ids, tg, ok=np.zeros(16, bool)),
+                   _evc_long(cond, gain, ids, tg, ok=gain > 0)], ignore_index=True)
+    row = _row(evc_deltas(t, n_boot=4000), metric="target_acc")
+    assert row["delta"] == 0.5 and row["n"] == 16
+    assert (row["ci_lo"], row["ci_hi"]) == (0.0, 1.0)
+    # the same numbers with every instance its own source: the instance bootstrap, much narrower
+    t2 = t.assign(id=t["id"].str.replace("->", "_"))
+    row2 = _row(evc_deltas(t2, n_boot=4000), metric="target_acc")
+    assert row2["delta"] == 0.5 and 0.15 < row2["ci_lo"] < 0.35 and 0.65 < row2["ci_hi"] < 0.85
+    # per target each source appears once: cluster and instance bootstrap agree exactly
+    a = evc_deltas(t, n_boot=500).query("target == 'angry'")
+    b = evc_deltas(t2, n_boot=500).query("target == 'angry'")
+    np.testing.assert_allclose(a[["ci_lo", "ci_hi"]].to_numpy(float), b[["ci_lo", "ci_hi"]].to_numpy(float))
+    # an explicit source column wins over the id
+    t3 = t2.assign(source=t["id"].str.split("->").str[0])
+    assert tuple(_row(evc_deltas(t3, n_boot=4000), metric="target_acc")[["ci_lo", "ci_hi"]]) == (0.0, 1.0)
+
+
+def test_selector_vs_matched_random_paired_delta_sign() -> None:
+    ids = [f"u{i}->angry" for i in range(4)]
+    tg = ["angry"] * 4
+    base = np.array([0.2, 0.2, 0.2, 0.2])
+    parts = [_evc_long(_cond("baseline", "", "", 0, 0), base, ids, tg)]
+    parts.append(_evc_long(_cond("lap-r0.005-steer-a1", "lap", "steer", 1.0, 0), np.array([0.9, 0.8, 0.7, 0.6]), ids, tg))
+    parts.append(_evc_long(_cond("mad-r0.005-steer-a1", "mad", "steer", 1.0, 0), np.array([0.1, 0.1, 0.2, 0.2]), ids, tg))
+    for s, vals in enumerate(([0.5, 0.4, 0.3, 0.2], [0.3, 0.2, 0.1, 0.0])):  # controls of lap
+        parts.append(_evc_long(_random_cond("lap", s), np.array(vals), ids, tg))
+    for s, vals in enumerate(([0.4, 0.4, 0.4, 0.4], [0.6, 0.6, 0.6, 0.6])):  # controls of mad
+        parts.append(_evc_long(_random_cond("mad", s), np.array(vals), ids, tg))
+    v = evc_vs_random(pd.concat(parts, ignore_index=True), n_boot=1000)
+    assert set(v["condition"]) == {"lap-r0.005-steer-a1", "mad-r0.005-steer-a1"}
+    lap = _row(v[v["condition"] == "lap-r0.005-steer-a1"])
+    # lap mean 0.75; its control: seed means 0.35 and 0.15 -> 0.25; paired delta 0.5 (diffs .6,.6,.6,.6 / .4 x4)
+    assert (lap["value"], lap["random"], lap["delta"], lap["n_seeds"]) == pytest.approx((0.75, 0.25, 0.5, 2))
+    assert lap["random_condition"] == "random-lap-r0.005-steer-a1" and lap["ci_lo"] > 0
+    assert lap["ci_lo"] == pytest.approx(0.4) and lap["ci_hi"] == pytest.approx(0.6)  # seeds 0.6 / 0.4, no noise
+    mad = _row(v[v["condition"] == "mad-r0.005-steer-a1"])
+    # mad mean 0.15 against its own control (mean 0.5), never against lap's: delta -0.35 < 0
+    assert (mad["value"], mad["random"], mad["delta"]) == pytest.approx((0.15, 0.5, -0.35))
+    assert mad["ci_hi"] < 0
+
+
+def test_ser_random_effects_and_vs_random() -> None:
+    t = _ser_table(random_seeds=(0, 1), control_of="cas")
+    eff = ser_random_effects(t, n_boot=500).set_index(["condition", "mask_emotion"])
+    r = eff.loc[("random-cas-r0.005-deactivate", "ang")]
+    # as in test_ser_effects_random_seeds_and_average: ACE(ang) per seed 0, -25 -> mean -12.5
+    assert (r["ACE"], r["ACE_seed_sd"], r["n_seeds"], r["mask_seed"]) == pytest.approx((-12.5, 25 / np.sqrt(2), 2, -1))
+    assert r["ACE_lo"] <= -12.5 <= r["ACE_hi"] and r["ACE_lo"] < r["ACE_hi"]
+    c = eff.loc[("cas-r0.005-deactivate", "ang")]
+    assert (c["SE"], c["ACE"], c["ESS"], c["n_seeds"]) == pytest.approx((-100, -25, -75, 1))
+    v = ser_vs_random(t, n_boot=500).set_index("mask_emotion")
+    # cas SE(ang) -100 vs random 0 -> -100; ESS(ang) -75 vs random mean (0 + 25) / 2 -> -87.5
+    assert (v.loc["ang", "SE"], v.loc["ang", "ESS"]) == pytest.approx((-100.0, -87.5))
+    assert v.loc["ang", "SE_hi"] < 0 and (v["random_condition"] == "random-cas-r0.005-deactivate").all()

@@ -30,12 +30,12 @@ STATE = Path(os.environ.get("SLURM_TEST_STATEDIR", "/tmp/emotion-neurons-slurm-t
 GPU_RULES = {"generate", "evaluate", "judge_ident", "judge_eval"}
 
 # the demo reduced to what a 2-core machine runs in minutes: SER only, two generate shards (two stage-1
-# stores merged by aggregate), two selectors (one random seed), one evaluate shard (baseline + 2 conditions).
+# stores merged by aggregate), cas and its matched random control (one seed), one evaluate shard (baseline + 2 conditions).
 # Every SLURM job costs ~15 s of start-up (Snakemake starts twice: batch script and job step) and the fake
 # GPU serialises the GPU rules, so each extra evaluate shard adds ~1 min to the SLURM run.
 OVERLAY = {
     "tasks": {"evc": {"enabled": False}, "ser": {"shards": 2}},
-    "select": {"selectors": ["cas", "random"], "random_seeds": 1},
+    "select": {"selectors": ["cas", "random"], "random": {"seeds": 1}},
     "evaluate": {"shards": 1},
 }
 
@@ -229,7 +229,7 @@ def test_same_stage1_stats(runs):
 def test_same_masks_and_kept(runs):
     a, b = runs["local"] / "results/demo/ser", runs["slurm"] / "results/demo/ser"
     masks = _rel(a, "masks/*.safetensors")
-    assert masks == {"masks/cas-r0.05.safetensors", "masks/random-r0.05-s0.safetensors"}
+    assert masks == {"masks/cas-r0.05.safetensors", "masks/random-cas-r0.05-s0.safetensors"}
     assert masks == _rel(b, "masks/*.safetensors")
     for f in sorted(masks) + ["filter/kept.tsv"]:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f

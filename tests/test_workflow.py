@@ -80,7 +80,8 @@ def test_demo_end_to_end(demo_run):
     for task in ("evc", "ser"):
         kept = pd.read_csv(run / task / "filter" / "kept.tsv", sep="\t")
         assert kept.groupby("emotion").size().nunique() == 1  # capped to the same count per emotion
-        assert len(list((run / task / "masks").glob("*.safetensors"))) == 6  # lap lape mad cas + 2 random
+        # lap lape mad cas + 2 random controls matched to each of them
+        assert len(list((run / task / "masks").glob("*.safetensors"))) == 4 + 4 * 2
     deltas = pd.read_csv(run / "evc" / "metrics" / "deltas.tsv", sep="\t")
     assert {"delta", "ci_lo", "ci_hi"} <= set(deltas.columns) and len(deltas)
     effects = pd.read_csv(run / "ser" / "metrics" / "effects.tsv", sep="\t")
@@ -122,16 +123,17 @@ def test_filter_change_never_reruns_stage1(demo_run):
 def test_new_r_adds_only_new_jobs(demo_run):
     jobs = planned(demo_run, {"select": {"r": [0.05, 0.1]}})
     assert {"prepare", "generate", "judge_ident", "filter", "aggregate"}.isdisjoint(jobs)
-    assert jobs["select"] == 2 * 6  # 6 new masks per task
+    assert jobs["select"] == 2 * 4  # 4 new selector masks per task
+    assert jobs["random_control"] == 2 * 4 * 2  # 2 seeds of a matched control for each, per task
     # one new evaluate per task x new condition (baseline and r=0.05 conditions are kept)
-    assert jobs["evaluate"] == 2 * 6  # steer a1 for each new mask, per task
+    assert jobs["evaluate"] == 2 * 12  # steer a1 for each new mask, per task
 
 
 @pytest.mark.slow
 def test_new_alpha_adds_only_new_jobs(demo_run):
     jobs = planned(demo_run, {"evaluate": {"alpha": [1.0, 0.5]}})
-    assert {"prepare", "generate", "judge_ident", "filter", "aggregate", "select"}.isdisjoint(jobs)
-    assert jobs["evaluate"] == 2 * 6  # steer a0.5 for each of 6 masks, per task
+    assert {"prepare", "generate", "judge_ident", "filter", "aggregate", "select", "random_control"}.isdisjoint(jobs)
+    assert jobs["evaluate"] == 2 * 12  # steer a0.5 for each of 12 masks, per task
 
 
 @pytest.mark.slow
@@ -191,7 +193,7 @@ def test_code_change_reruns_exactly_its_rules(demo_run, code_copy, module, expec
 def test_hook_code_change_reruns_stage1(demo_run, code_copy):
     _touch_code(code_copy, "hooks.py")
     jobs = planned(demo_run, repo=code_copy)
-    assert jobs["generate"] == 4 and jobs["evaluate"] == 14
+    assert jobs["generate"] == 4 and jobs["evaluate"] == 2 * (1 + 12)
 
 
 def teardown_module(module):

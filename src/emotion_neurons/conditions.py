@@ -1,4 +1,4 @@
-"""The evaluation grid: selector x r x intervention x alpha (x random seed), plus the baseline."""
+"""The evaluation grid: selector x r x intervention x alpha, the matched random controls, plus the baseline."""
 
 from __future__ import annotations
 
@@ -6,23 +6,42 @@ from typing import Any
 
 BASELINE: dict[str, Any] = {
     "condition": "baseline", "selector": "none", "r": 0.0, "intervention": "none", "alpha": 0.0, "mask_seed": 0,
-    "mask": "",
+    "control_of": "", "mask": "",
 }
 
 
-def mask_name(selector: str, r: float, seed: int | None = None) -> str:
-    name = f"{selector}-r{r:g}"
-    return f"{name}-s{seed}" if selector == "random" else name
+def mask_name(selector: str, r: float, seed: int | None = None, control_of: str = "") -> str:
+    """`<selector>-r<r>`; a random control is `random-<selector>-r<r>-s<seed>` (the mask it is matched to)."""
+    if selector == "random":
+        if not control_of or seed is None:
+            raise ValueError("a random mask name needs the selector it controls and a seed")
+        return f"random-{control_of}-r{r:g}-s{seed}"
+    return f"{selector}-r{r:g}"
+
+
+def random_seeds(select_cfg: dict[str, Any]) -> list[int]:
+    return list(range(int((select_cfg.get("random") or {}).get("seeds", 5))))
 
 
 def masks(select_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every mask the config asks for: one per selector x r (x seed for random)."""
+    """Every mask the config asks for: one per selector x r, and with `random` listed, for each of those
+    masks one random control per seed of its realised size (`source_mask` names the mask it matches)."""
+    sels = [s for s in select_cfg["selectors"] if s != "random"]
+    if "random" in select_cfg["selectors"] and not sels:
+        raise ValueError("select.selectors: 'random' is a control matched to another selector's masks; list one")
+    tie_seed = int(select_cfg.get("seed", 0))
     out = []
-    for sel in select_cfg["selectors"]:
+    for sel in sels:
         for r in select_cfg["r"]:
-            seeds = range(int(select_cfg.get("random_seeds", 5))) if sel == "random" else [int(select_cfg.get("seed", 0))]
-            for s in seeds:
-                out.append({"mask": mask_name(sel, r, s), "selector": sel, "r": float(r), "mask_seed": int(s)})
+            out.append({"mask": mask_name(sel, r), "selector": sel, "r": float(r), "mask_seed": tie_seed, "control_of": ""})
+    if "random" in select_cfg["selectors"]:
+        for sel in sels:
+            for r in select_cfg["r"]:
+                for s in random_seeds(select_cfg):
+                    out.append({
+                        "mask": mask_name("random", r, s, sel), "selector": "random", "r": float(r), "mask_seed": s,
+                        "control_of": sel, "source_mask": mask_name(sel, r),
+                    })
     return out
 
 
@@ -30,11 +49,13 @@ def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> list[dict[str,
     """Conditions to evaluate; `deactivate` has no strength, `steer` takes each alpha."""
     out = [dict(BASELINE)]
     for m in masks(select_cfg):
+        m = {k: v for k, v in m.items() if k != "source_mask"}
         for iv in eval_cfg["interventions"]:
             alphas = [1.0] if iv == "deactivate" else [float(a) for a in eval_cfg["alpha"]]
             for a in alphas:
-                cid = f"{m['selector']}-r{m['r']:g}-{iv}" + (f"-a{a:g}" if iv == "steer" else "")
-                if m["selector"] == "random":  # seed last, as metrics.average_random expects
+                head = f"random-{m['control_of']}" if m["selector"] == "random" else m["selector"]
+                cid = f"{head}-r{m['r']:g}-{iv}" + (f"-a{a:g}" if iv == "steer" else "")
+                if m["selector"] == "random":  # seed last, as metrics strips it when collapsing seeds
                     cid += f"-s{m['mask_seed']}"
                 out.append({**m, "condition": cid, "intervention": iv, "alpha": a})
     ids = [c["condition"] for c in out]

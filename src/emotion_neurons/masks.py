@@ -1,4 +1,5 @@
-"""Stage 4a: select one neuron mask from the aggregated statistics and save it with provenance."""
+"""Stage 4a: select one neuron mask from the aggregated statistics (or the random control of a selector's mask)
+and save it with provenance, including the tie counts at the cut-off."""
 
 from __future__ import annotations
 
@@ -6,35 +7,75 @@ import argparse
 import hashlib
 import logging
 import sys
+from typing import Any
 
 from .config import load_params
-from .selectors import save_mask, select
+from .selectors import load_mask, random_control, save_mask, select_with_info
 from .stats import load_aggregate
 
 log = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Stage 4a: select emotion-sensitive neurons")
-    ap.add_argument("--params", required=True)
-    ap.add_argument("--aggregate", required=True)
-    ap.add_argument("--out", required=True, help="mask .safetensors (a .json provenance file is written beside it)")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = load_params(a.params)
-    arrays, attrs = load_aggregate(a.aggregate)
+def _named_ties(info: dict[str, Any], emotions: list[str]) -> dict[str, Any]:
+    return {e: t for e, t in zip(emotions, info["ties"], strict=True)}
+
+
+def select_mask(p: dict[str, Any], aggregate: str, out: str) -> None:
+    arrays, attrs = load_aggregate(aggregate)
     P = arrays["P"]
-    mask = select(
+    emotions = [str(e) for e in attrs["emotions"]]
+    lape = p.get("lape") or {}
+    mask, info = select_with_info(
         P, p["selector"], float(p["r"]), p.get("scope", "global"), int(p.get("mask_seed", 0)),
-        M=arrays.get("M"), lape_quantile=p.get("lape_quantile"), mad_signed=bool(p.get("mad_signed", False)),
+        M=arrays.get("M"), mad_signed=bool(p.get("mad_signed", False)),
+        lape_variant=lape.get("variant", "tang"), filter_rate=lape.get("filter_rate", 0.95),
+        top_rate=lape.get("top_rate"), activation_bar_ratio=lape.get("activation_bar_ratio", 0.95),
     )
     prov = {
         **{k: attrs.get(k) for k in ("model_id", "revision", "component", "hook_site", "spans", "n_instances", "task", "filter")},
         "selector": p["selector"], "r": p["r"], "scope": p.get("scope", "global"), "seed": p.get("mask_seed", 0),
         "data_hash": hashlib.sha256(P.tobytes()).hexdigest()[:16],
+        "ties": _named_ties(info, emotions),
     }
-    save_mask(a.out, mask, list(attrs["emotions"]), prov)
-    log.info("%s: %s neurons per emotion", a.out, mask.reshape(mask.shape[0], -1).sum(1).tolist())
+    if p["selector"] == "lape":
+        prov["lape"] = {**lape, **info.get("lape", {})}
+    save_mask(out, mask, emotions, prov)
+    log.info("%s: %s neurons per emotion", out, mask.reshape(mask.shape[0], -1).sum(1).tolist())
+
+
+def control_mask(p: dict[str, Any], source: str, out: str) -> None:
+    """Random control matched to the realised size (and by default the per-layer counts) of `source`."""
+    src, meta = load_mask(source)
+    match = p.get("match", "layers")
+    mask = random_control(src, int(p["mask_seed"]), match, stream=str(p["control_of"]))
+    keep = ("model_id", "revision", "component", "hook_site", "spans", "n_instances", "task", "filter", "scope")
+    prov = {
+        **{k: meta.get(k) for k in keep},
+        "selector": "random", "r": p["r"], "seed": p["mask_seed"], "match": match,
+        "control_of": p["control_of"], "source_mask": str(source), "source_counts": meta.get("counts"),
+    }
+    save_mask(out, mask, list(meta["emotions"]), prov)
+    log.info("%s: %s neurons per emotion (control of %s)", out, mask.reshape(mask.shape[0], -1).sum(1).tolist(), source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Stage 4a: select emotion-sensitive neurons")
+    ap.add_argument("--params", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--aggregate", help="aggregate.zarr of the task (selectors)")
+    src.add_argument("--control-of", help="selector mask .safetensors the random control is matched to")
+    ap.add_argument("--out", required=True, help="mask .safetensors (a .json provenance file is written beside it)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    p = load_params(a.params)
+    if a.control_of:
+        if p.get("selector") != "random":
+            raise ValueError(f"--control-of is for random controls, but the params name selector {p.get('selector')!r}")
+        control_mask(p, a.control_of, a.out)
+    else:
+        if p.get("selector") == "random":
+            raise ValueError("a random control needs --control-of <selector mask>, not --aggregate")
+        select_mask(p, a.aggregate, a.out)
     return 0
 
 

@@ -12,6 +12,7 @@ the SER change matrix and SE/ACE/ESS are in accuracy points (x100), as in Paper 
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 
@@ -21,9 +22,14 @@ import pandas as pd
 BASELINE = "baseline"
 ALL = "all"
 MEAN = "mean"
-CONDITION_COLS: tuple[str, ...] = ("condition", "selector", "r", "intervention", "alpha", "mask_seed")
+#: `control_of` names the selector a random control is matched to ("" otherwise); tables without the column
+#: (older runs, hand-built tests) get "".
+CONDITION_COLS: tuple[str, ...] = ("condition", "selector", "r", "intervention", "alpha", "mask_seed", "control_of")
+_REQUIRED_COND: tuple[str, ...] = CONDITION_COLS[:-1]
 #: Columns that identify one mask setting; SER effects are computed per such group.
-SETTING_COLS: tuple[str, ...] = ("selector", "r", "intervention", "alpha", "mask_seed")
+SETTING_COLS: tuple[str, ...] = ("selector", "control_of", "r", "intervention", "alpha", "mask_seed")
+#: The setting of a random control apart from its seed: the seeds of one group are averaged.
+GROUP_COLS: tuple[str, ...] = ("control_of", "r", "intervention", "alpha")
 #: Summary metric name -> instance column it averages.
 EVC_METRICS: dict[str, str] = {
     "target_acc": "emotion_ok",
@@ -35,7 +41,7 @@ EVC_METRICS: dict[str, str] = {
 }
 #: Columns that identify a row of a report table apart from its condition id and mask seed
 #: (used by `average_random` to decide which random-mask rows belong together).
-ID_COLS: tuple[str, ...] = ("selector", "r", "intervention", "alpha", "mask_emotion", "target", "metric")
+ID_COLS: tuple[str, ...] = ("selector", "control_of", "r", "intervention", "alpha", "mask_emotion", "target", "metric")
 
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 
@@ -91,9 +97,16 @@ def _rng_for(seed: int, *names: str) -> np.random.Generator:
     return np.random.default_rng([int(seed)] + [zlib.crc32(str(n).encode()) for n in names])
 
 
+def _with_control(d: pd.DataFrame) -> pd.DataFrame:
+    if "control_of" not in d.columns:
+        d["control_of"] = ""
+    d["control_of"] = d["control_of"].fillna("").astype(str)
+    return d
+
+
 def _prep_evc(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
-    _require(df, list(CONDITION_COLS) + ["target", *extra, *EVC_METRICS.values()], "EVC")
-    d = df.copy()
+    _require(df, list(_REQUIRED_COND) + ["target", *extra, *EVC_METRICS.values()], "EVC")
+    d = _with_control(df.copy())
     d["condition"] = d["condition"].astype(str)
     d["target"] = d["target"].astype(str)
     if (d["target"] == ALL).any():
@@ -137,58 +150,101 @@ def evc_summary(df: pd.DataFrame) -> pd.DataFrame:
     return out[[*CONDITION_COLS, "target", "n", *EVC_METRICS]]
 
 
-def _paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot: int, ci: float
-) -> list[dict[str, float]]:
-    """Per metric column: means over valid pairs, their difference and a percentile bootstrap CI.
-
-    One resample of instance ids is shared by all metrics; a pair with a NaN in a metric is left out of
-    that metric's mean only (in the point estimate and in every resample).
-    """
-    n, m = a.shape
-    diff = a - b
-    valid = ~np.isnan(diff)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    W = np.bincount((idx + np.arange(n_boot)[:, None] * n).ravel(), minlength=n_boot * n)
-    W = W.reshape(n_boot, n).astype(np.float64)
-    num = W @ np.where(valid, diff, 0.0)
-    den = W @ valid.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = num / den
-    q = [(1.0 - ci) / 2.0, 1.0 - (1.0 - ci) / 2.0]
-    rows = []
-    for j in range(m):
-        v = valid[:, j]
-        nv = int(v.sum())
-        if nv == 0:
-            rows.append(dict(n=0, value=np.nan, baseline=np.nan, delta=np.nan, ci_lo=np.nan, ci_hi=np.nan))
-            continue
-        value, base = float(a[v, j].mean()), float(b[v, j].mean())
-        delta = value - base
-        dj = diff[v, j]
-        if np.ptp(dj) <= 1e-12:  # identical up to float rounding: every resample gives the same mean
-            lo = hi = delta
-        else:
-            col = boot[:, j]
-            lo, hi = (float(x) for x in np.quantile(col[~np.isnan(col)], q))
-        rows.append(dict(n=nv, value=value, baseline=base, delta=delta, ci_lo=lo, ci_hi=hi))
-    return rows
-
-
-def evc_deltas(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
-    """Per non-baseline condition x target (plus "all") x metric: value, baseline, delta and a CI.
-
-    Paired: only instances present in both the condition and the baseline count, matched on (id, target);
-    `value` and `baseline` are means over those shared instances, so `delta = value - baseline` is the
-    mean paired difference. The CI is the percentile interval of that mean over `n_boot` resamples of the
-    shared instances (with replacement).
-    """
+def _check_boot(n_boot: int, ci: float) -> None:
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not (0.0 < float(ci) < 1.0):
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
+
+
+def _cluster_weights(clusters: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """[n_boot, n] weight of each row in each resample: clusters drawn with replacement, rows move with them.
+
+    Clusters are numbered in order of first appearance, so with one row per cluster this is the ordinary
+    bootstrap of rows (and draws the same numbers from `rng`).
+    """
+    codes, uniq = pd.factorize(pd.Series(np.asarray(clusters, dtype=object)), sort=False)
+    c = len(uniq)
+    idx = rng.integers(0, c, size=(n_boot, c))
+    Wc = np.bincount((idx + np.arange(n_boot)[:, None] * c).ravel(), minlength=n_boot * c)
+    return Wc.reshape(n_boot, c).astype(np.float64)[:, codes]
+
+
+def _seed_weights(n_seeds: int, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """[n_boot, n_seeds] how often each seed is drawn in each resample (all ones for a single seed)."""
+    if n_seeds == 1:
+        return np.ones((n_boot, 1))
+    idx = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    Ws = np.bincount((idx + np.arange(n_boot)[:, None] * n_seeds).ravel(), minlength=n_boot * n_seeds)
+    return Ws.reshape(n_boot, n_seeds).astype(np.float64)
+
+
+def _quantiles(boot: np.ndarray, ci: float) -> tuple[float, float]:
+    col = boot[~np.isnan(boot)]
+    if col.size == 0:
+        return np.nan, np.nan
+    lo, hi = np.quantile(col, [(1.0 - ci) / 2.0, 1.0 - (1.0 - ci) / 2.0])
+    return float(lo), float(hi)
+
+
+def _two_level_bootstrap(
+    X: np.ndarray, clusters: np.ndarray, rng: np.random.Generator, n_boot: int, ci: float
+) -> list[dict[str, float]]:
+    """Mean over seeds of the mean paired difference, with a bootstrap over clusters AND seeds.
+
+    `X` [S, n, m]: per seed s (a random control's mask seed; S = 1 for a selector) the paired difference of
+    row i in metric j. A row counts in metric j only where no seed has a NaN there, so every seed is
+    averaged over the same rows. Each resample draws clusters (source utterances) with replacement, shared
+    by all seeds since they were evaluated on the same rows, and S of the S seeds with replacement; the
+    statistic is the mean over the drawn seeds of the cluster-weighted mean difference. The interval thus
+    holds both the instance sampling variance and the seed-to-seed variance of the random masks (with
+    S = 1 it is the ordinary paired cluster bootstrap). `seed_sd` is the sample sd of the per-seed means.
+    """
+    S, n, m = X.shape
+    valid = ~np.isnan(X).any(axis=0)
+    Xz = np.where(valid[None], X, 0.0)
+    W = _cluster_weights(clusters, rng, n_boot)
+    Ws = _seed_weights(S, rng, n_boot)
+    den = W @ valid.astype(np.float64)  # [B, m]
+    num = np.einsum("bi,sim->bsm", W, Xz)  # [B, S, m]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = np.einsum("bs,bsm->bm", Ws, num) / S / den
+    nv = valid.sum(axis=0)
+    rows = []
+    for j in range(m):
+        if nv[j] == 0:
+            rows.append(dict(n=0, delta=np.nan, ci_lo=np.nan, ci_hi=np.nan, seed_sd=np.nan))
+            continue
+        per_seed = Xz[:, :, j].sum(axis=1) / nv[j]
+        delta = float(per_seed.mean())
+        sd = float(per_seed.std(ddof=1)) if S > 1 else np.nan
+        if np.ptp(X[:, valid[:, j], j]) <= 1e-12:  # identical up to float rounding: every resample agrees
+            lo = hi = delta
+        else:
+            lo, hi = _quantiles(boot[:, j], ci)
+        rows.append(dict(n=int(nv[j]), delta=delta, ci_lo=lo, ci_hi=hi, seed_sd=sd))
+    return rows
+
+
+def _masked_mean(A: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.where(valid, A, 0.0).sum(axis=0) / valid.sum(axis=0)
+
+
+def _sources(d: pd.DataFrame) -> pd.Series:
+    """Source utterance of each EVC row: column `source` if present, else the id up to its `->target` suffix.
+
+    The targets of one source share its audio and words, so they are resampled together.
+    """
+    if "source" in d.columns:
+        return d["source"].astype(str)
+    return d["id"].astype(str).str.rsplit("->", n=1).str[0]
+
+
+def _prep_pairs(df: pd.DataFrame) -> pd.DataFrame:
     d = _prep_evc(df, extra=["id"])
     d["id"] = d["id"].astype(str)
+    d["_source"] = _sources(d)
     if not (d["condition"] == BASELINE).any():
         raise ValueError(f"EVC table has no baseline rows (condition == {BASELINE!r})")
     dup = d.duplicated(["condition", "id", "target"])
@@ -198,31 +254,173 @@ def evc_deltas(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 
             f"duplicate instance (id={row['id']!r}, target={row['target']!r}) in condition "
             f"{row['condition']!r}; pairing with the baseline needs unique (id, target) per condition"
         )
+    return d
+
+
+def _wide(d: pd.DataFrame, cond: str) -> pd.DataFrame:
+    return d[d["condition"] == cond].set_index(["id", "target"])
+
+
+def _shared(frames: list[pd.DataFrame], what: str) -> pd.MultiIndex:
+    idx = frames[0].index
+    for f in frames[1:]:
+        idx = idx[idx.isin(f.index)]
+    if len(idx) == 0:
+        raise ValueError(f"{what} share no (id, target) instances")
+    return idx
+
+
+def _evc_rows(
+    ref: pd.DataFrame, others: list[pd.DataFrame], sign: float, rng_names: tuple[str, ...],
+    targets: list[str], n_boot: int, seed: int, ci: float, what: str,
+) -> list[dict[str, object]]:
+    """Per target x metric: mean of `others` (seeds) and of `ref` over their shared instances, and the
+    two-level bootstrap of `sign * (other - ref)` clustered by source utterance."""
     src = list(EVC_METRICS.values())
-    base = d[d["condition"] == BASELINE].set_index(["id", "target"])[src]
+    shared = _shared([ref, *others], what)
+    R = ref.loc[shared, src].to_numpy(np.float64)
+    Oth = np.stack([o.loc[shared, src].to_numpy(np.float64) for o in others])
+    X = sign * (Oth - R[None])
+    tgt_of = shared.get_level_values("target").to_numpy()
+    source = ref.loc[shared, "_source"].to_numpy()
+    rows = []
+    for tgt in targets:
+        sel = np.ones(len(shared), bool) if tgt == ALL else tgt_of == tgt
+        if not sel.any():
+            continue
+        stats = _two_level_bootstrap(
+            X[:, sel], source[sel], _rng_for(seed, *rng_names, tgt), int(n_boot), float(ci)
+        )
+        valid = ~np.isnan(X[:, sel]).any(axis=0)
+        ref_mean = _masked_mean(R[sel], valid)
+        oth_mean = np.mean([_masked_mean(o[sel], valid) for o in Oth], axis=0)
+        for j, (metric, st) in enumerate(zip(EVC_METRICS, stats, strict=True)):
+            rows.append({"target": tgt, "metric": metric, "n": st["n"], "other": float(oth_mean[j]),
+                         "ref": float(ref_mean[j]), **{k: st[k] for k in ("delta", "ci_lo", "ci_hi", "seed_sd")}})
+    return rows
+
+
+def evc_deltas(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Per non-baseline condition x target (plus "all") x metric: value, baseline, delta and a CI.
+
+    Paired: only instances present in both the condition and the baseline count, matched on (id, target);
+    `value` and `baseline` are means over those shared instances, so `delta = value - baseline` is the
+    mean paired difference. The CI is the percentile interval of that mean over `n_boot` resamples of the
+    SOURCE utterances (with replacement): all targets of one source move together, since they share its
+    audio and words (for one target this is the bootstrap of instances). Each random seed is its own row here.
+    """
+    _check_boot(n_boot, ci)
+    d = _prep_pairs(df)
+    base = _wide(d, BASELINE)
     meta = d.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
     targets = _target_order(d)
     rows: list[dict[str, object]] = []
     for cond in _condition_order(d["condition"]):
         if cond == BASELINE:
             continue
-        g = d[d["condition"] == cond].set_index(["id", "target"])[src]
-        shared = g.index[g.index.isin(base.index)]
-        if len(shared) == 0:
-            raise ValueError(f"condition {cond!r} shares no (id, target) instances with the baseline")
-        a = g.loc[shared].to_numpy(np.float64)
-        b = base.loc[shared].to_numpy(np.float64)
-        tgt_of = shared.get_level_values("target").to_numpy()
-        for tgt in targets:
-            sel = np.ones(len(shared), bool) if tgt == ALL else tgt_of == tgt
-            if not sel.any():
-                continue
-            stats = _paired_bootstrap(a[sel], b[sel], _rng_for(seed, cond, tgt), int(n_boot), float(ci))
-            for metric, st in zip(EVC_METRICS, stats, strict=True):
-                rows.append(
-                    {"condition": cond, **meta.loc[cond].to_dict(), "target": tgt, "metric": metric, **st}
-                )
+        what = f"condition {cond!r} and the baseline"
+        for st in _evc_rows(base, [_wide(d, cond)], 1.0, (cond,), targets, n_boot, seed, ci, what):
+            rows.append({"condition": cond, **meta.loc[cond].to_dict(), "target": st["target"],
+                         "metric": st["metric"], "n": st["n"], "value": st["other"], "baseline": st["ref"],
+                         "delta": st["delta"], "ci_lo": st["ci_lo"], "ci_hi": st["ci_hi"]})
     cols = [*CONDITION_COLS, "target", "metric", "n", "value", "baseline", "delta", "ci_lo", "ci_hi"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _random_groups(d: pd.DataFrame) -> dict[tuple, list[str]]:
+    """(control_of, r, intervention, alpha) -> the condition ids of that random control's seeds (seed order)."""
+    rnd = d[d["selector"].astype(str) == "random"].drop_duplicates("condition")
+    out: dict[tuple, list[str]] = {}
+    for key, g in rnd.groupby(list(GROUP_COLS), dropna=False, sort=False):
+        out[tuple(key)] = g.sort_values("mask_seed", kind="stable")["condition"].tolist()
+    return out
+
+
+def _group_key(row: pd.Series, control_of: str) -> tuple:
+    return (control_of, *(row[c] for c in GROUP_COLS[1:]))
+
+
+def _lookup(groups: dict[tuple, list[str]], key: tuple) -> list[str] | None:
+    for k, v in groups.items():
+        if k[0] == key[0] and all(_same(a, b) for a, b in zip(k[1:], key[1:], strict=True)):
+            return v
+    return None
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        fa, fb = float(a), float(b)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return a == b
+    return (np.isnan(fa) and np.isnan(fb)) or abs(fa - fb) <= 1e-12
+
+
+def evc_random_deltas(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """`evc_deltas` with every random control collapsed over its seeds (the report's "by selector" table).
+
+    Non-random conditions are as in `evc_deltas` (`n_seeds = 1`). A random control (one per selector, r,
+    intervention, alpha) becomes one row per target x metric: `value` = mean over seeds of the per-seed
+    mean, `delta` = mean over seeds of the paired difference to the baseline, CI from the two-level
+    bootstrap (source utterances and seeds, see `_two_level_bootstrap`), `delta_seed_sd` = sd across seeds.
+    The condition id loses its `-s<seed>` suffix and `mask_seed` is -1.
+    """
+    _check_boot(n_boot, ci)
+    d = _prep_pairs(df)
+    base = _wide(d, BASELINE)
+    meta = d.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
+    targets = _target_order(d)
+    cols = [*CONDITION_COLS, "target", "metric", "n", "value", "baseline", "delta", "ci_lo", "ci_hi",
+            "n_seeds", "delta_seed_sd"]
+    rows: list[dict[str, object]] = []
+    groups = _random_groups(d)
+    first_of = {v[0]: v for v in groups.values()}
+    for cond in _condition_order(d["condition"]):
+        if cond == BASELINE or (meta.loc[cond, "selector"] == "random" and cond not in first_of):
+            continue
+        conds = first_of.get(cond, [cond])
+        name = _SEED_SUFFIX.sub("", cond) if cond in first_of else cond
+        what = f"condition(s) {conds} and the baseline"
+        m = meta.loc[cond].to_dict()
+        if cond in first_of:
+            m["mask_seed"] = -1
+        for st in _evc_rows(base, [_wide(d, c) for c in conds], 1.0, (name,), targets, n_boot, seed, ci, what):
+            rows.append({"condition": name, **m, "target": st["target"], "metric": st["metric"], "n": st["n"],
+                         "value": st["other"], "baseline": st["ref"], "delta": st["delta"], "ci_lo": st["ci_lo"],
+                         "ci_hi": st["ci_hi"], "n_seeds": len(conds), "delta_seed_sd": st["seed_sd"]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def evc_vs_random(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Every selector condition against its matched random control, paired on the same instances.
+
+    For a selector condition (selector S, r, intervention, alpha) and the random control of S's mask at the
+    same r, intervention and alpha: `value` (S), `random` (mean over seeds) over the instances every one of
+    them has, `delta = value - random` = mean over seeds and instances of the paired difference, and its
+    CI from the two-level bootstrap (source utterances and seeds). Selectors without a control are skipped.
+    """
+    _check_boot(n_boot, ci)
+    d = _prep_pairs(df)
+    meta = d.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
+    targets = _target_order(d)
+    groups = _random_groups(d)
+    cols = [*CONDITION_COLS[:-1], "random_condition", "target", "metric", "n", "value", "random", "delta",
+            "ci_lo", "ci_hi", "n_seeds"]
+    rows: list[dict[str, object]] = []
+    for cond in _condition_order(d["condition"]):
+        m = meta.loc[cond]
+        if cond == BASELINE or m["selector"] == "random":
+            continue
+        conds = _lookup(groups, _group_key(m, str(m["selector"])))
+        if not conds:
+            continue
+        rname = _SEED_SUFFIX.sub("", conds[0])
+        what = f"condition {cond!r} and its random control {conds}"
+        for st in _evc_rows(_wide(d, cond), [_wide(d, c) for c in conds], -1.0, (cond, rname), targets,
+                            n_boot, seed, ci, what):
+            rows.append({"condition": cond, **{k: m[k] for k in CONDITION_COLS[1:-1]}, "random_condition": rname,
+                         "target": st["target"], "metric": st["metric"], "n": st["n"], "value": st["ref"],
+                         "random": st["other"], "delta": st["delta"], "ci_lo": st["ci_lo"], "ci_hi": st["ci_hi"],
+                         "n_seeds": len(conds)})
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -230,8 +428,8 @@ def evc_deltas(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 
 
 
 def _prep_ser(df: pd.DataFrame) -> pd.DataFrame:
-    _require(df, [*CONDITION_COLS, "mask_emotion", "emotion", "correct"], "SER")
-    d = df.copy()
+    _require(df, [*_REQUIRED_COND, "mask_emotion", "emotion", "correct"], "SER")
+    d = _with_control(df.copy())
     d["condition"] = d["condition"].astype(str)
     d["mask_emotion"] = d["mask_emotion"].fillna("").astype(str)
     d["emotion"] = d["emotion"].astype(str)
@@ -332,6 +530,158 @@ def ser_effects(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     change = pd.DataFrame(change_rows, columns=[*keys, "mask_emotion", *emotions])
     effects = pd.DataFrame(effect_rows, columns=[*keys, "mask_emotion", "SE", "ACE", "ESS", "n_cross"])
     return change, effects
+
+
+def _ser_effect_stats(
+    Y: np.ndarray, base: np.ndarray, ind: np.ndarray, masks: list[str], emotions: list[str], W: np.ndarray
+) -> np.ndarray:
+    """[B, 3, E + 1]: SE, ACE, ESS per mask emotion (and their mean) under utterance weights W [B, n].
+
+    `Y` [M, n] correctness of utterance i under mask m (NaN: not evaluated), `base` [n] the baseline's,
+    `ind` [n, E] one-hot gold emotion. Accuracies are weighted means, so W = 1 gives `ser_effects`' values.
+    """
+    valid = ~np.isnan(Y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.einsum("bi,mi,ie->bme", W, np.where(valid, Y, 0.0), ind) / np.einsum(
+            "bi,mi,ie->bme", W, valid.astype(np.float64), ind
+        )
+        bacc = (W @ (base[:, None] * ind)) / (W @ ind)
+    C = (acc - bacc[:, None, :]) * 100.0  # [B, M, E]
+    B, E = W.shape[0], len(emotions)
+    out = np.full((B, 3, E + 1), np.nan)
+    for j, e in enumerate(emotions):
+        if e not in masks:
+            continue
+        i = masks.index(e)
+        others = [k for k in range(len(masks)) if k != i]
+        se = C[:, i, j]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column: no cross masks
+            ace = np.nanmean(C[:, others, j], axis=1) if others else np.full(B, np.nan)
+        out[:, 0, j], out[:, 1, j], out[:, 2, j] = se, ace, se - ace
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out[:, :, E] = np.nanmean(out[:, :, :E], axis=2)
+    return out
+
+
+def _ser_arrays(
+    d: pd.DataFrame, conds: list[str], ids: pd.Index, emotions: list[str]
+) -> tuple[list[np.ndarray], list[str]]:
+    """Per condition: correctness [M, n] of each shared utterance under each mask emotion (emotion order)."""
+    masks = sorted(set(d[d["condition"].isin(conds)]["mask_emotion"]) - {""},
+                   key=lambda e: (emotions.index(e) if e in emotions else len(emotions), e))
+    out = []
+    for c in conds:
+        g = d[(d["condition"] == c) & (d["mask_emotion"] != "")]
+        Y = g.pivot_table(index="mask_emotion", columns="id", values="correct", aggfunc="mean")
+        out.append(Y.reindex(index=masks, columns=ids).to_numpy(np.float64))
+    return out, masks
+
+
+def _ser_boot(
+    d: pd.DataFrame, ref: list[str] | None, seeds: list[str], emotions: list[str],
+    rng: np.random.Generator, n_boot: int, ci: float,
+) -> dict[str, dict[str, float]]:
+    """SE/ACE/ESS of the mean over `seeds` (minus those of `ref`, paired, when given) with a two-level
+    bootstrap over utterances (all mask emotions of an utterance move together) and seeds."""
+    base_t = d[d["condition"] == BASELINE].drop_duplicates("id").set_index("id")
+    ids = base_t.index
+    for c in [*(ref or []), *seeds]:
+        ids = ids[ids.isin(d.loc[d["condition"] == c, "id"])]
+    if len(ids) == 0:
+        raise ValueError(f"SER conditions {seeds} share no utterances with the baseline")
+    base = base_t.loc[ids, "correct"].to_numpy(np.float64)
+    ind = (base_t.loc[ids, "emotion"].to_numpy()[:, None] == np.array(emotions)[None]).astype(np.float64)
+    Ys, masks = _ser_arrays(d, [*(ref or []), *seeds], ids, emotions)
+    Yr, Ys = (Ys[0], Ys[1:]) if ref else (None, Ys)
+    W = np.vstack([np.ones((1, len(ids))), _cluster_weights(ids.to_numpy(), rng, n_boot)])
+    Ws = _seed_weights(len(seeds), rng, n_boot)
+    per = np.stack([_ser_effect_stats(Y, base, ind, masks, emotions, W) for Y in Ys])  # [S, 1+B, 3, E+1]
+    point_seed = per[:, 0]
+    boot = np.einsum("bs,sbke->bke", Ws, np.nan_to_num(per[:, 1:], nan=0.0)) / len(seeds)
+    nan_any = np.isnan(per[:, 1:]).any(axis=0)
+    boot[nan_any] = np.nan
+    point = point_seed.mean(axis=0)
+    sd = point_seed.std(axis=0, ddof=1) if len(seeds) > 1 else np.full(point.shape, np.nan)
+    if Yr is not None:
+        sel = _ser_effect_stats(Yr, base, ind, masks, emotions, W)
+        point, boot = sel[0] - point, sel[1:] - boot
+    out: dict[str, dict[str, float]] = {}
+    for j, e in enumerate([*emotions, MEAN]):
+        row: dict[str, float] = {}
+        for k, name in enumerate(("SE", "ACE", "ESS")):
+            row[name] = float(point[k, j])
+            lo, hi = _quantiles(boot[:, k, j], ci) if not np.isnan(point[k, j]) else (np.nan, np.nan)
+            row[f"{name}_lo"], row[f"{name}_hi"] = lo, hi
+            if Yr is None:
+                row[f"{name}_seed_sd"] = float(sd[k, j])
+        out[e] = row
+    return out
+
+
+_SER_STATS = ["SE", "SE_lo", "SE_hi", "ACE", "ACE_lo", "ACE_hi", "ESS", "ESS_lo", "ESS_hi"]
+
+
+def ser_random_effects(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """SE / ACE / ESS per mask setting with bootstrap intervals, random controls collapsed over their seeds.
+
+    Selector settings get the bootstrap over utterances (`n_seeds = 1`); a random control's seeds are
+    averaged and its interval comes from the two-level bootstrap over utterances and seeds, so it widens
+    when the seeds disagree (`<stat>_seed_sd` = sd across seeds). Label-agnostic rows (no mask emotion)
+    are skipped, as in `ser_effects`.
+    """
+    _check_boot(n_boot, ci)
+    d = _prep_ser(df)
+    if not (d["condition"] == BASELINE).any():
+        raise ValueError(f"SER table has no baseline rows (condition == {BASELINE!r})")
+    emotions = sorted(d["emotion"].unique().tolist())
+    nb = d[(d["condition"] != BASELINE) & (d["mask_emotion"] != "")]
+    meta = nb.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
+    groups = _random_groups(nb)
+    first_of = {v[0]: v for v in groups.values()}
+    rows = []
+    for cond in _condition_order(nb["condition"]):
+        m = meta.loc[cond].to_dict()
+        if m["selector"] == "random" and cond not in first_of:
+            continue
+        conds = first_of.get(cond, [cond])
+        name = _SEED_SUFFIX.sub("", cond) if cond in first_of else cond
+        if cond in first_of:
+            m["mask_seed"] = -1
+        res = _ser_boot(d, None, conds, emotions, _rng_for(seed, name), int(n_boot), float(ci))
+        for e, st in res.items():
+            rows.append({"condition": name, **m, "mask_emotion": e, **st, "n_seeds": len(conds)})
+    cols = [*CONDITION_COLS, "mask_emotion", *_SER_STATS, "n_seeds", "SE_seed_sd", "ACE_seed_sd", "ESS_seed_sd"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def ser_vs_random(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Every selector setting's SE / ACE / ESS minus those of its matched random control (mean over seeds),
+    on the same utterances, with the two-level bootstrap interval (utterances and seeds)."""
+    _check_boot(n_boot, ci)
+    d = _prep_ser(df)
+    if not (d["condition"] == BASELINE).any():
+        raise ValueError(f"SER table has no baseline rows (condition == {BASELINE!r})")
+    emotions = sorted(d["emotion"].unique().tolist())
+    nb = d[(d["condition"] != BASELINE) & (d["mask_emotion"] != "")]
+    meta = nb.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
+    groups = _random_groups(nb)
+    rows = []
+    for cond in _condition_order(nb["condition"]):
+        m = meta.loc[cond]
+        if m["selector"] == "random":
+            continue
+        conds = _lookup(groups, _group_key(m, str(m["selector"])))
+        if not conds:
+            continue
+        rname = _SEED_SUFFIX.sub("", conds[0])
+        res = _ser_boot(d, [cond], conds, emotions, _rng_for(seed, cond, rname), int(n_boot), float(ci))
+        for e, st in res.items():
+            rows.append({"condition": cond, **{k: m[k] for k in CONDITION_COLS[1:-1]}, "random_condition": rname,
+                         "mask_emotion": e, **st, "n_seeds": len(conds)})
+    cols = [*CONDITION_COLS[:-1], "random_condition", "mask_emotion", *_SER_STATS, "n_seeds"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 # ------------------------------------------------------------------------------------------ random

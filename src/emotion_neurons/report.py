@@ -37,9 +37,14 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 
 def condition_label(df: pd.DataFrame) -> pd.Series:
-    """Readable condition name from the setting columns (random masks averaged over seeds have no seed)."""
+    """Readable condition name from the setting columns (random masks averaged over seeds have no seed;
+    a random control names the selector whose mask it matches)."""
     alpha = df["alpha"].map(lambda a: f"{float(a):g}")
-    label = df["selector"].astype(str) + " r=" + df["r"].map(lambda r: f"{float(r):g}") + " " + df["intervention"]
+    sel = df["selector"].astype(str)
+    if "control_of" in df.columns:
+        ctl = df["control_of"].fillna("").astype(str)
+        sel = sel.where(~((sel == "random") & (ctl != "")), "random(" + ctl + ")")
+    label = sel + " r=" + df["r"].map(lambda r: f"{float(r):g}") + " " + df["intervention"]
     return label.where(df["intervention"] != "steer", label + " a=" + alpha)
 
 
@@ -61,17 +66,18 @@ def selector_plot(task: str, tables: dict[str, pd.DataFrame]) -> str:
         if e.empty:
             return "<p>no effects</p>"
         d = e.assign(label=condition_label(e))
-        y, lo, hi, label = d["ESS"], None, None, "ESS = SE - ACE (points)"
+        lo, hi = (d["ESS_lo"], d["ESS_hi"]) if "ESS_lo" in d.columns else (None, None)
+        y, label = d["ESS"], "ESS = SE - ACE (points)"
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(d) + 2), 3.2))
     x = np.arange(len(d))
     colors = ["#888" if c.startswith("random") else "#1f77b4" for c in d["label"]]
     ax.bar(x, y, color=colors)
     if lo is not None:
-        ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor="k", capsize=3, lw=1)
+        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="none", ecolor="k", capsize=3, lw=1)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, d["label"], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(label)
-    ax.set_title(f"{task.upper()}: selector comparison (grey = random masks, mean over seeds)")
+    ax.set_title(f"{task.upper()}: selector comparison (grey = matched random controls, mean over seeds)")
     return _png(fig)
 
 

@@ -1,11 +1,17 @@
 """Emotion-sensitive neuron selectors (METHOD.md section 3, stage 4) and mask files.
 
-Every selector turns the activation probability `P[e, l, n]` into one boolean mask per emotion of a fixed
-budget, so that selectors, sparsities `r` and scopes can be compared at equal mask size. Numpy only: masks
-are chosen on the CPU from the mergeable statistics of stage 1, no model needed.
+Every selector turns the activation probability `P[e, l, n]` into one boolean mask per emotion. `lap`,
+`mad`, `cas` and `lape` (variant `argmax`) rank neurons per emotion and keep a budget `budget(r, size)`;
+`lape` (variant `tang`, the default) reproduces Tang et al. (2024): one shared low-entropy pool whose
+neurons belong to every emotion they fire strongly for, so masks differ in size. The `random` control is
+not a selector of P: `random_control` draws, for a given selector mask, random neurons of the same realised
+size per emotion (and, by default, the same count in every layer). Numpy only: masks are chosen on the CPU
+from the mergeable statistics of stage 1, no model needed.
 
-Ranking is deterministic: a stable sort by score (descending), ties broken by the flat index (ascending)
-of the neuron inside the ranked set (`l * N + n` for the global scope, `n` for the per-layer scope).
+Ties: P = K/T is quantised, so equal scores at the cut-off are common. They are broken by a seeded random
+permutation of the neurons (never by index, which would favour layer 0); scores are compared after rounding
+to 1e-12 so that values equal up to float rounding tie too. `select_with_info` reports, per emotion, how many
+neurons shared the score at the cut-off (`tied`) and how many of them were taken (`taken`).
 """
 
 from __future__ import annotations
@@ -13,21 +19,26 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-METHODS: tuple[str, ...] = ("lap", "lape", "mad", "cas", "random")
+#: Selectors that score P; "random" (the matched control of another selector's mask) is listed in METHODS.
+SELECTORS: tuple[str, ...] = ("lap", "lape", "mad", "cas")
+METHODS: tuple[str, ...] = (*SELECTORS, "random")
 SCOPES: tuple[str, ...] = ("global", "per_layer")
+LAPE_VARIANTS: tuple[str, ...] = ("tang", "argmax")
+RANDOM_MATCH: tuple[str, ...] = ("layers", "size")
 
-#: Seeds of the random baseline mask; METHOD.md reports random as the mean over 5 seeds, so callers run
-#: `select(P, "random", r, seed=s)` for each of these and average the evaluations (`metrics.average_random`).
+#: Default seeds of the random control; METHOD.md reports random as the mean over 5 seeds.
 RANDOM_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 MASK_TENSOR = "mask"
 _META_KEY = "meta_json"
+_SCORE_DECIMALS = 12
 
 
 # --------------------------------------------------------------------------------------------- budget
@@ -45,19 +56,32 @@ def budget(r: float, size: int) -> int:
     return min(k, size)
 
 
+def order_statistic(values: np.ndarray, rate: float) -> float:
+    """The `round(size * rate)`-th smallest value (1-based, at least the 1st), as `torch.kthvalue` in Tang et al."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    k = min(max(int(round(flat.size * float(rate))), 1), flat.size)
+    return float(np.partition(flat, k - 1)[k - 1])
+
+
 # ---------------------------------------------------------------------------------------- validation
 
 
-def _validate(
-    P: np.ndarray,
-    method: str,
-    r: float,
-    scope: str,
-    M: np.ndarray | None,
-    lape_quantile: float | None,
-) -> np.ndarray:
-    if method not in METHODS:
-        raise ValueError(f"unknown selector method {method!r}; valid methods: {', '.join(METHODS)}")
+def _check_rate(name: str, value: float | None, allow_none: bool) -> None:
+    if value is None:
+        if not allow_none:
+            raise ValueError(f"{name} must be a number in (0, 1], got None")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1], got {value}")
+
+
+def _validate(P: np.ndarray, method: str, r: float, scope: str, M: np.ndarray | None) -> np.ndarray:
+    if method == "random":
+        raise ValueError("'random' is a control of another selector's mask: use random_control(mask, seed, match)")
+    if method not in SELECTORS:
+        raise ValueError(f"unknown selector method {method!r}; valid methods: {', '.join(SELECTORS)}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
     if isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)):
@@ -81,21 +105,24 @@ def _validate(
         raise ValueError("P contains infinite values")
     if M is not None and np.shape(M) != P.shape:
         raise ValueError(f"M must have the shape of P {P.shape}, got {np.shape(M)}")
-    if lape_quantile is not None:
-        if method != "lape":
-            raise ValueError(f"lape_quantile only applies to method 'lape', not {method!r}")
-        if not (0.0 <= float(lape_quantile) <= 1.0):
-            raise ValueError(f"lape_quantile must lie in [0, 1], got {lape_quantile}")
     return P
 
 
 # ---------------------------------------------------------------------------------------- scores
 
 
-def _scores(
-    P: np.ndarray, method: str, mad_signed: bool, lape_quantile: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Score [E, L, N] (higher = more specific) and eligibility [E, L, N] for a non-random method."""
+def entropy(P: np.ndarray) -> np.ndarray:
+    """LAPE entropy [L, N] of each neuron's activation probabilities normalised over emotions (0 if it never fires)."""
+    total = P.sum(axis=0)
+    fires = total > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pt = np.where(fires[None], P / np.where(fires, total, 1.0)[None], 0.0)
+        plogp = np.where(pt > 0, pt * np.log(np.where(pt > 0, pt, 1.0)), 0.0)
+    return -plogp.sum(axis=0)
+
+
+def _scores(P: np.ndarray, method: str, mad_signed: bool, filter_rate: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Score [E, L, N] (higher = more specific) and eligibility [E, L, N] for a per-emotion ranking."""
     E = P.shape[0]
     if method == "lap":
         return P, np.ones(P.shape, dtype=bool)
@@ -103,7 +130,7 @@ def _scores(
         dev = P - P.mean(axis=0, keepdims=True)
         return (dev if mad_signed else np.abs(dev)), np.ones(P.shape, dtype=bool)
     if method == "cas":
-        # Top two emotions per neuron; stable argsort on -P puts the lowest emotion index first on ties.
+        # Top two emotions per neuron; a tie for the top gives gap 0, so no emotion owns that neuron.
         order = np.argsort(-P, axis=0, kind="stable")
         e1 = order[0]
         p_sorted = np.take_along_axis(P, order[:2], axis=0)
@@ -111,43 +138,87 @@ def _scores(
         is_top = np.arange(E)[:, None, None] == e1[None]
         score = np.where(is_top, gap[None], 0.0)
         return score, score > 0
-    if method == "lape":
-        total = P.sum(axis=0)
-        fires = total > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pt = np.where(fires[None], P / np.where(fires, total, 1.0)[None], 0.0)
-            plogp = np.where(pt > 0, pt * np.log(np.where(pt > 0, pt, 1.0)), 0.0)
-        H = -plogp.sum(axis=0)
-        pmax = P.max(axis=0)
-        keep = fires
-        if lape_quantile is not None:
-            keep = keep & (pmax >= np.quantile(pmax, float(lape_quantile)))
-        owner = np.argmax(P, axis=0)  # first emotion on ties
+    if method == "lape":  # variant argmax
+        H = entropy(P)
+        keep = _lape_eligible(P, filter_rate)
+        top2 = np.sort(P, axis=0)[-2:]
+        unique_max = top2[1] > top2[0]  # a maximum shared by two emotions has no owner
+        owner = np.argmax(P, axis=0)
         mine = np.arange(E)[:, None, None] == owner[None]
         score = np.broadcast_to(-H, P.shape)
-        return score, mine & keep[None]
+        return score, mine & (keep & unique_max)[None]
     raise AssertionError(method)  # unreachable: validated
 
 
-def _top_k(score: np.ndarray, eligible: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best eligible entries of 1-D arrays: score desc, then index asc."""
+def _lape_eligible(P: np.ndarray, filter_rate: float | None) -> np.ndarray:
+    """[L, N]: fires at all and, with a filter, some P_e strictly above the filter_rate order statistic of all P."""
+    keep = P.sum(axis=0) > 0
+    if filter_rate is not None:
+        keep &= (P > order_statistic(P, filter_rate)).any(axis=0)
+    return keep
+
+
+def _top_k(score: np.ndarray, eligible: np.ndarray, k: int, keys: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Indices of the k best eligible entries of 1-D arrays (score desc, ties by the random `keys`) and tie counts.
+
+    `tied` counts the eligible entries whose (rounded) score equals the k-th best, `taken` how many of those
+    were kept; tied > taken means the permutation decided. No cut-off when all eligible entries fit.
+    """
     idx = np.flatnonzero(eligible)
-    if idx.size == 0:
-        return idx
-    order = np.lexsort((idx, -score[idx]))  # last key is primary
-    return idx[order[:k]]
+    if idx.size <= k:
+        return idx, {"cutoff": None, "tied": 0, "taken": 0, "eligible": int(idx.size)}
+    s = np.round(score[idx], _SCORE_DECIMALS)
+    order = np.lexsort((keys[idx], -s))  # last key is primary
+    chosen = order[:k]
+    cut = s[order[k - 1]]
+    tie = {
+        "cutoff": float(cut),
+        "tied": int((s == cut).sum()),
+        "taken": int((s[chosen] == cut).sum()),
+        "eligible": int(idx.size),
+    }
+    return idx[chosen], tie
 
 
-def _flat_mask(idx: np.ndarray, L: int, N: int) -> np.ndarray:
-    flat = np.zeros(L * N, dtype=bool)
-    flat[idx] = True
-    return flat.reshape(L, N)
+def _merge_ties(ties: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer tie counts summed (scope per_layer): one cut-off per layer."""
+    return {
+        "cutoff": None,
+        "tied": int(sum(t["tied"] for t in ties)),
+        "taken": int(sum(t["taken"] for t in ties)),
+        "eligible": int(sum(t["eligible"] for t in ties)),
+    }
+
+
+def _ranked(
+    score: np.ndarray, eligible: np.ndarray, fraction: float, scope: str, keys: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Boolean [L, N] of the best `fraction` eligible neurons, globally or in every layer, and the tie counts."""
+    L, N = score.shape
+    out = np.zeros(L * N, dtype=bool)
+    if scope == "global":
+        idx, tie = _top_k(score.reshape(-1), eligible.reshape(-1), budget(fraction, L * N), keys)
+        out[idx] = True
+        return out.reshape(L, N), tie
+    out2 = out.reshape(L, N)
+    k = budget(fraction, N)
+    ties = []
+    for layer in range(L):
+        idx, tie = _top_k(score[layer], eligible[layer], k, keys.reshape(L, N)[layer])
+        out2[layer, idx] = True
+        ties.append(tie)
+    return out2, _merge_ties(ties)
+
+
+def _tie_keys(seed: int, size: int, stream: int) -> np.ndarray:
+    """A seeded random permutation used as the secondary sort key (rank of each neuron among equals)."""
+    return np.random.default_rng([int(seed), int(stream)]).permutation(size)
 
 
 # ---------------------------------------------------------------------------------------- select
 
 
-def select(
+def select_with_info(
     P: np.ndarray,
     method: str,
     r: float,
@@ -155,44 +226,92 @@ def select(
     seed: int = 0,
     *,
     M: np.ndarray | None = None,
-    lape_quantile: float | None = None,
     mad_signed: bool = False,
-) -> np.ndarray:
-    """Boolean mask [E, L, N] of the neurons `method` finds most specific to each emotion.
+    lape_variant: str = "tang",
+    filter_rate: float | None = 0.95,
+    top_rate: float | None = None,
+    activation_bar_ratio: float = 0.95,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Boolean mask [E, L, N] of the neurons `method` finds most specific to each emotion, and its provenance.
 
-    `P` is the activation probability [E, L, N]. Budget per emotion: `budget(r, L * N)` ranked over all
-    layers jointly (`scope="global"`), or `budget(r, N)` in every layer (`scope="per_layer"`). `cas` and
-    `lape` may return fewer neurons than the budget (only strictly positive contrasts / neurons owned by
-    the emotion are eligible). `seed` is used by `random` only. `M` (mean activation) is accepted for
-    interface stability and shape-checked; no selector of METHOD.md uses it.
+    `P` is the activation probability [E, L, N]. Per-emotion selectors keep `budget(r, L * N)` neurons
+    ranked over all layers jointly (`scope="global"`) or `budget(r, N)` in every layer (`"per_layer"`);
+    `cas` and `lape` may keep fewer (only strictly positive contrasts / eligible, owned neurons count).
+    `seed` seeds the tie-breaking permutation. `lape_variant="tang"`: neurons with some P_e strictly above
+    the `filter_rate` order statistic of all P are eligible; the `top_rate` (default `r`) fraction of all
+    neurons with the lowest entropy forms one pool; a pooled neuron belongs to every emotion whose P_e is
+    strictly above the `activation_bar_ratio` order statistic of all P. `lape_variant="argmax"`: budget `r`
+    per emotion, lowest entropy first, among the eligible neurons whose unique argmax emotion is e
+    (`filter_rate=None` turns the pre-filter off). `M` is shape-checked; no selector of METHOD.md uses it.
+    The info dict holds `ties` (per emotion index: cutoff, tied, taken, eligible) and, for tang, `lape`.
     """
-    P = _validate(P, method, r, scope, M, lape_quantile)
+    P = _validate(P, method, r, scope, M)
+    if method == "lape":
+        if lape_variant not in LAPE_VARIANTS:
+            raise ValueError(f"unknown lape variant {lape_variant!r}; valid variants: {', '.join(LAPE_VARIANTS)}")
+        _check_rate("lape filter_rate", filter_rate, allow_none=True)
+        _check_rate("lape top_rate", top_rate, allow_none=True)
+        _check_rate("lape activation_bar_ratio", activation_bar_ratio, allow_none=lape_variant != "tang")
     E, L, N = P.shape
     mask = np.zeros((E, L, N), dtype=bool)
+    info: dict[str, Any] = {"tie_seed": int(seed), "ties": []}
 
-    if method == "random":
-        for e in range(E):
-            # One independent stream per emotion (and seed), so masks do not depend on E or on the order.
-            rng = np.random.default_rng([int(seed), e])
-            if scope == "global":
-                k = budget(r, L * N)
-                mask[e] = _flat_mask(rng.choice(L * N, size=k, replace=False), L, N)
-            else:
-                k = budget(r, N)
-                for layer in range(L):
-                    mask[e, layer, rng.choice(N, size=k, replace=False)] = True
-        return mask
+    if method == "lape" and lape_variant == "tang":
+        eligible = _lape_eligible(P, filter_rate)
+        keys = _tie_keys(seed, L * N, 1 << 20)  # the shared pool: its own stream
+        pool, tie = _ranked(-entropy(P), eligible, float(top_rate if top_rate is not None else r), scope, keys)
+        bar = order_statistic(P, activation_bar_ratio)
+        mask[:] = pool[None] & (P > bar)
+        info["ties"] = [dict(tie) for _ in range(E)]  # one shared pool, one cut-off
+        info["lape"] = {
+            "variant": "tang",
+            "filter_bar": order_statistic(P, filter_rate) if filter_rate is not None else None,
+            "activation_bar": bar,
+            "n_eligible": int(eligible.sum()),
+            "pool_size": int(pool.sum()),
+            "unassigned": int((pool & ~mask.any(axis=0)).sum()),
+        }
+        return mask, info
 
-    score, eligible = _scores(P, method, mad_signed, lape_quantile)
+    score, eligible = _scores(P, method, mad_signed, filter_rate if method == "lape" else None)
     for e in range(E):
-        if scope == "global":
-            k = budget(r, L * N)
-            mask[e] = _flat_mask(_top_k(score[e].reshape(-1), eligible[e].reshape(-1), k), L, N)
+        mask[e], tie = _ranked(score[e], eligible[e], float(r), scope, _tie_keys(seed, L * N, e))
+        info["ties"].append(tie)
+    if method == "lape":
+        info["lape"] = {"variant": "argmax", "filter_bar": order_statistic(P, filter_rate) if filter_rate else None}
+    return mask, info
+
+
+def select(P: np.ndarray, method: str, r: float, scope: str = "global", seed: int = 0, **kwargs: Any) -> np.ndarray:
+    """The mask of `select_with_info` alone."""
+    return select_with_info(P, method, r, scope, seed, **kwargs)[0]
+
+
+def random_control(mask: np.ndarray, seed: int, match: str = "layers", stream: str = "") -> np.ndarray:
+    """A random mask of the realised size of `mask` per emotion: the same count in every layer (`match="layers"`)
+    or the same total drawn uniformly over all layers (`"size"`).
+
+    One stream per (seed, `stream`, emotion): controls of different selectors (pass the selector name as
+    `stream`) are independent, and an emotion's control does not depend on the other emotions.
+    """
+    if match not in RANDOM_MATCH:
+        raise ValueError(f"unknown random match {match!r}; valid: {', '.join(RANDOM_MATCH)}")
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3-D [emotions, layers, neurons], got shape {mask.shape}")
+    E, L, N = mask.shape
+    out = np.zeros_like(mask)
+    tag = zlib.crc32(str(stream).encode())
+    for e in range(E):
+        rng = np.random.default_rng([int(seed), tag, e])
+        if match == "layers":
+            for layer, k in enumerate(mask[e].sum(axis=1).tolist()):
+                out[e, layer, rng.choice(N, size=int(k), replace=False)] = True
         else:
-            k = budget(r, N)
-            for layer in range(L):
-                mask[e, layer, _top_k(score[e, layer], eligible[e, layer], k)] = True
-    return mask
+            flat = np.zeros(L * N, dtype=bool)
+            flat[rng.choice(L * N, size=int(mask[e].sum()), replace=False)] = True
+            out[e] = flat.reshape(L, N)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- analysis

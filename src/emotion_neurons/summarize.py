@@ -17,21 +17,28 @@ from .io import read_table, write_table
 log = logging.getLogger(__name__)
 
 
-def summarize(task: str, judged: pd.DataFrame, wer_max: float | None, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
-    """Name -> table. EVC: summary and bootstrap deltas; SER: summary, change matrix and SE/ACE/ESS."""
+def summarize(
+    task: str, judged: pd.DataFrame, wer_max: float | None, n_boot: int, seed: int, ci: float = 0.95
+) -> dict[str, pd.DataFrame]:
+    """Name -> table. EVC: summary, bootstrap deltas (per seed, and by selector with random controls collapsed
+    over seeds), and every selector against its matched random control. SER: summary, change matrix,
+    SE/ACE/ESS, the same by selector with intervals, and against the matched random control."""
     df = judged[judged["status"].eq("ok")].copy()
     df = decide(df, task, wer_max)
     if task == "evc":
         summary = metrics.evc_summary(df)
-        deltas = metrics.evc_deltas(df, n_boot=n_boot, seed=seed)
-        # random masks reported as the mean over their seeds (METHOD.md section 4)
-        by_sel = metrics.average_random(deltas, ["value", "baseline", "delta", "ci_lo", "ci_hi"])
-        return {"summary": summary, "deltas": deltas, "deltas_by_selector": by_sel}
+        deltas = metrics.evc_deltas(df, n_boot=n_boot, seed=seed, ci=ci)
+        # random controls as the mean over their seeds, interval over utterances and seeds (METHOD.md 3.4)
+        by_sel = metrics.evc_random_deltas(df, n_boot=n_boot, seed=seed, ci=ci)
+        vs_random = metrics.evc_vs_random(df, n_boot=n_boot, seed=seed, ci=ci)
+        return {"summary": summary, "deltas": deltas, "deltas_by_selector": by_sel, "vs_random": vs_random}
     df["mask_emotion"] = df["mask_emotion"].fillna("").astype(str)
     summary = metrics.ser_summary(df)
     change, effects = metrics.ser_effects(df)
-    by_sel = metrics.average_random(effects, ["SE", "ACE", "ESS"])
-    return {"summary": summary, "change": change, "effects": effects, "effects_by_selector": by_sel}
+    by_sel = metrics.ser_random_effects(df, n_boot=n_boot, seed=seed, ci=ci)
+    vs_random = metrics.ser_vs_random(df, n_boot=n_boot, seed=seed, ci=ci)
+    return {"summary": summary, "change": change, "effects": effects, "effects_by_selector": by_sel,
+            "vs_random": vs_random}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
     judged = pd.concat([read_table(x) for x in a.judged], ignore_index=True)
-    tables = summarize(p["task"], judged, p.get("wer_max"), int(p.get("bootstrap", 1000)), int(p.get("seed", 0)))
+    tables = summarize(
+        p["task"], judged, p.get("wer_max"), int(p.get("bootstrap", 1000)), int(p.get("seed", 0)),
+        float(p.get("ci", 0.95)),
+    )
     out = Path(a.outdir)
     for name, df in tables.items():
         write_table(out / f"{name}.tsv", df)

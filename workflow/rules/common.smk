@@ -19,6 +19,9 @@ from emotion_neurons.config import (  # noqa: E402
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUN = f"results/{config['run_name']}"
+# mask file names: a selector's `<selector>-r<r>`, a random control's `random-<selector>-r<r>-s<seed>`
+SELECTOR_MASK = r"[a-z]+-r[0-9.e-]+"
+
 CACHE = "results/cache/stage1"
 # rules run `python -m emotion_neurons.<stage>` from this checkout (also inside cluster jobs, which re-read
 # this file), so an edit to the package is what runs without reinstalling
@@ -43,7 +46,7 @@ wildcard_constraints:
     shard=r"\d+",
     n=r"\d+",
     key="|".join(KEYS.values()) or "none",
-    mask=r"[a-z]+-r[0-9.e-]+(-s\d+)?",
+    mask=SELECTOR_MASK,
     condition=r"[A-Za-z0-9_.-]+",
 
 
@@ -67,6 +70,14 @@ def stage1_dir(task):
 def shard_dirs(task):
     n = n_shards(task)
     return [f"{stage1_dir(task)}/shard-{i}-of-{n}" for i in range(n)]
+
+
+def mask_spec(name):
+    """The mask entry of the grid named `name` (its selector, r, seed and, for random, the mask it controls)."""
+    for m in _cond.masks(config["select"]):
+        if m["mask"] == name:
+            return {k: v for k, v in m.items() if k != "source_mask"}
+    raise ValueError(f"mask {name!r} is not in the grid of select.selectors x select.r")
 
 
 def conditions(task):

@@ -16,18 +16,42 @@ rule select:
     params:
         p=lambda wc: dumps(
             {
-                **next(
-                    m for m in _cond.masks(config["select"]) if m["mask"] == wc.mask
-                ),
-                **{
-                    k: config["select"].get(k)
-                    for k in ("scope", "lape_quantile", "mad_signed")
-                },
+                **mask_spec(wc.mask),
+                **{k: config["select"].get(k) for k in ("scope", "mad_signed")},
+                "lape": config["select"].get("lape", {}),
                 "code": code_version("select"),
             }
         ),
     shell:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.masks --params {params.p:q} --aggregate {input} --out {output.mask} > {log} 2>&1"
+
+
+# the random control of a selector's mask: same realised size per emotion (and per layer, by default)
+rule random_control:
+    input:
+        f"{RUN}/{{task}}/masks/{{source}}.safetensors",
+    output:
+        mask=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.safetensors",
+        meta=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.json",
+    log:
+        f"{RUN}/{{task}}/logs/select-random-{{source}}-s{{rseed}}.log",
+    benchmark:
+        f"{RUN}/{{task}}/benchmarks/select-random-{{source}}-s{{rseed}}.tsv"
+    wildcard_constraints:
+        source=SELECTOR_MASK,
+        rseed=r"\d+",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        p=lambda wc: dumps(
+            {
+                **mask_spec(f"random-{wc.source}-s{wc.rseed}"),
+                "match": (config["select"].get("random") or {}).get("match", "layers"),
+                "code": code_version("select"),
+            }
+        ),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.masks --params {params.p:q} --control-of {input} --out {output.mask} > {log} 2>&1"
 
 
 rule evaluate:
@@ -104,6 +128,7 @@ rule metrics:
                 "wer_max": config["filter"].get("wer_max"),
                 "bootstrap": config["evaluate"].get("bootstrap", 1000),
                 "seed": config["evaluate"].get("seed", 0),
+                "ci": config["evaluate"].get("ci", 0.95),
                 "code": code_version("metrics"),
             }
         ),
