@@ -124,7 +124,7 @@ def test_new_r_adds_only_new_jobs(demo_run):
     assert {"prepare", "generate", "judge_ident", "filter", "aggregate"}.isdisjoint(jobs)
     assert jobs["select"] == 2 * 6  # 6 new masks per task
     # one new evaluate per task x new condition (baseline and r=0.05 conditions are kept)
-    assert jobs["evaluate"] == 2 * 6  # steer a1 for each new mask, per task
+    assert jobs["evaluate"] == 2 * 12  # deactivate and steer a1 for each new mask, per task
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ def aggregate(
     """
     unknown = [s for s in spans if s not in SPANS]
     if unknown:
-        raise ValueError(f"aggregate.spans has unknown spans {unknown}; expected a subset of {list(SPANS)}")
+        raise ValueError(f"tasks.<task>.spans has unknown spans {unknown}; expected a subset of {list(SPANS)}")
     span_idx = [SPANS.index(s) for s in spans]
     opened = [open_store(p) for p in stores]
     where: dict[str, tuple[int, int]] = {}
@@ -139,7 +139,7 @@ def aggregate(
             T[e] += tokens[si][row][span_idx].sum()
     if (T == 0).any():
         empty = [emotions[i] for i in np.flatnonzero(T == 0)]
-        raise ValueError(f"no valid tokens for emotions {empty}; check filter and aggregate.spans")
+        raise ValueError(f"no valid tokens for emotions {empty}; check filter and tasks.<task>.spans")
     P = (K / T[:, None, None]).astype(np.float32)
     M = (S / T[:, None, None]).astype(np.float32)
     with atomic_dir(out) as tmp:
