@@ -134,7 +134,9 @@ def eval_params(wc):
             "task": wc.task,
             "condition": condition(wc.task, wc.condition),
             "model": model_params(),
-            "task_cfg": {k: v for k, v in config["tasks"][wc.task].items() if k != "spans"},
+            "task_cfg": {
+                k: v for k, v in config["tasks"][wc.task].items() if k != "spans"
+            },
             "data": config["data"],
             "eval": {
                 k: config["evaluate"].get(k)
