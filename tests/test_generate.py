@@ -175,3 +175,32 @@ def test_cap_gives_small_strata_everything_and_shares_the_rest(tmp_path):
     assert by_emotion["angry"] == 15  # all of them
     assert {e: n for e, n in by_emotion.items() if e != "angry"} == dict.fromkeys(["neutral", "happy", "sad", "surprise"], 20)
     assert set(_counts(kept, lambda i: i.speaker).values()) == {19}
+
+
+def test_stage1_main_caps_and_records_what_it_kept(adapter, tmp_path, monkeypatch, caplog):
+    import json
+
+    from emotion_neurons import generate
+
+    rows = []
+    for k, inst in enumerate(_instances(tmp_path, n=3)):
+        for e in ("sad", "happy"):
+            rows.append({**inst.to_dict(), "id": f"{inst.id}-{e}", "emotion": e, "speaker": f"s{k}"})
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    monkeypatch.setattr(generate, "load_adapter", lambda cfg: adapter)
+    params = {"task": "ser", "task_cfg": {"max_new_tokens": 3, "max_instances_per_shard": 4, "sample_seed": 1},
+              "model": {"id": "toy", "batch_size": 3}, "component": "thinker", "hook_site": "gate", "capture": {},
+              "data": {}}
+    argv = ["--params", json.dumps(params), "--manifest", str(tmp_path / "m.jsonl"), "--shard", "0", "--n-shards", "1",
+            "--out", str(tmp_path / "shard")]
+    with caplog.at_level("INFO"):
+        assert generate.main(argv) == 0
+    strata = read_table(tmp_path / "shard" / "strata.tsv")
+    assert strata.groupby("emotion")["kept"].sum().to_dict() == {"happy": 2, "sad": 2}
+    assert "kept 4 of 6 ident instances" in caplog.text
+    attrs = open_store(tmp_path / "shard" / "stats.zarr").attrs
+    assert len(attrs["instance_ids"]) == 4 and attrs["batch_size"] == 3 and attrs["max_instances_per_shard"] == 4
+    with caplog.at_level("WARNING"):
+        assert generate.main([*argv[:-1], str(tmp_path / "shard2"), "--batch-size", "2"]) == 0
+    assert "differs from model.batch_size 3" in caplog.text
+    assert open_store(tmp_path / "shard2" / "stats.zarr").attrs["batch_size"] == 2
