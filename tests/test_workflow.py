@@ -126,7 +126,7 @@ def test_new_r_adds_only_new_jobs(demo_run):
     assert jobs["select"] == 2 * 4  # 4 new selector masks per task
     assert jobs["random_control"] == 2 * 4 * 2  # 2 seeds of a matched control for each, per task
     # one new evaluate per task x new condition (baseline and r=0.05 conditions are kept)
-    assert jobs["evaluate"] == 2 * 12  # steer a1 for each new mask, per task
+    assert jobs["evaluate"] == 2 * 12  # deactivate and steer a1 for each new mask, per task
 
 
 @pytest.mark.slow

@@ -237,16 +237,29 @@ def _dataset_fingerprint(dcfg_json: str, _cache_file: str) -> str:
     return h.hexdigest()[:16]
 
 
+#: task keys that never change stage-1 outputs (`spans` only matter from stage 3 on)
+NOT_STAGE1_TASK_KEYS: tuple[str, ...] = ("enabled", "shards", "eval_shards", "spans")
+#: model keys in the stage-1 key. `batch_size` is one: left padding and kernel choice make bf16 GPU outputs
+#: depend on the batch composition (only the talker's random draws are seeded per instance).
+STAGE1_MODEL_KEYS: tuple[str, ...] = ("adapter", "id", "revision", "dtype", "speaker", "batch_size")
+
+
+def stage1_task_cfg(config: dict[str, Any], task: str) -> dict[str, Any]:
+    """The task settings stage 0 and stage 1 depend on."""
+    return {k: v for k, v in config["tasks"][task].items() if k not in NOT_STAGE1_TASK_KEYS}
+
+
 def stage1_identity(config: dict[str, Any], task: str) -> dict[str, Any]:
     """Everything that determines stage-1 statistics: the cache key of a generate store."""
-    t = config["tasks"][task]
+    model = {k: config["model"].get(k) for k in STAGE1_MODEL_KEYS}
+    model["batch_size"] = int(model["batch_size"] or 1)
     return {
         "task": task,
-        "model": {k: config["model"].get(k) for k in ("adapter", "id", "revision", "dtype", "speaker")},
+        "model": model,
         "dataset": task_dataset(config, task),
         "dataset_content": dataset_fingerprint(task_dataset(config, task)),
         "data": config["data"],
-        "task_cfg": {k: v for k, v in t.items() if k not in ("enabled", "shards", "eval_shards")},
+        "task_cfg": stage1_task_cfg(config, task),
         "component": config["component"],
         "hook_site": config["hook_site"],
         "capture": config["capture"],

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import load_params
-from .generate import load_adapter, load_shard, run, settings_from
+from .generate import batch_size_of, load_adapter, load_shard, run, settings_from
 from .hooks import InterventionSpec
 from .io import atomic_dir, write_table
 
@@ -29,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-shards", type=int, required=True)
     ap.add_argument("--mask", default="", help="mask .safetensors (omitted for the baseline)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batch-size", type=int, default=None, help="overrides model.batch_size (runtime only)")
+    ap.add_argument("--batch-size", type=int, default=None, help="overrides model.batch_size (warns: the outputs are keyed on model.batch_size)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
     task, cond = p["task"], p["condition"]
-    instances = load_shard(a.manifest, "eval", a.shard, a.n_shards, p["eval"].get("max_instances_per_shard"))
+    instances, strata = load_shard(
+        a.manifest, "eval", a.shard, a.n_shards, p["eval"].get("max_instances_per_shard"),
+        int(p["eval"].get("sample_seed") or 0),
+    )
     log.info("condition %s, shard %d/%d: %d instances", cond["condition"], a.shard, a.n_shards, len(instances))
     spec = InterventionSpec(cond["intervention"], float(cond["alpha"]), p["eval"].get("positions", "all"))
     adapter = load_adapter(p["model"])
@@ -52,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         if masks.shape[1] != n_sites:
             raise ValueError(f"mask {a.mask} has {masks.shape[1]} layers but the model has {n_sites}")
     common = dict(
-        batch_size=a.batch_size or int(p["model"].get("batch_size", 1)), component=p["component"], site=p["hook_site"],
+        batch_size=batch_size_of(p, a.batch_size), component=p["component"], site=p["hook_site"],
         intervention=spec, on_bad_audio=p["data"].get("on_bad_audio", "skip"),
     )
     with atomic_dir(a.out) as tmp:
+        write_table(tmp / "strata.tsv", strata)
         if task == "evc" or spec.kind == "none":
 
             def by_target(batch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import sys
 import time
@@ -30,15 +31,91 @@ log = logging.getLogger(__name__)
 OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds")
 
 
-def load_shard(manifest: str | Path, split: str, shard: int, n_shards: int, limit: int | None = None) -> list[Instance]:
+def _rank(seed: int, key: str) -> str:
+    """Seeded, order-free rank of a key (sha256), so a sample never depends on manifest or sort order."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def source_key(inst: Instance) -> str:
+    """The source utterance of an instance: the EVC targets of one utterance share it."""
+    return inst.id.rsplit("->", 1)[0] if inst.task == "evc" else inst.id
+
+
+def stratified_cap(instances: list[Instance], cap: int, seed: int = 0) -> tuple[list[Instance], pd.DataFrame]:
+    """At most `cap` instances, balanced over emotions (the EVC target / SER label) and, within each emotion,
+    over speakers, as far as the counts allow; which instances of a stratum is drawn from `seed`.
+
+    Why: the first ids in sort order are one speaker's clips of one emotion (METHOD.md section 5). The cap is
+    split equally over emotions, then over the speakers of each emotion (leftovers go to the speakers with the
+    fewest so far over all emotions, then by a seeded order); inside a stratum, instances are ranked by a
+    seeded hash of their source utterance, so the EVC targets of one speaker get the same sources where the
+    counts allow (paired comparisons across targets). Returns the kept instances in id order and a table of
+    available and kept counts per (emotion, speaker).
+    """
+    strata: dict[tuple[str, str], list[Instance]] = {}
+    for inst in instances:
+        strata.setdefault((inst.group, inst.speaker), []).append(inst)
+    if cap >= len(instances):
+        kept_n = {k: len(v) for k, v in strata.items()}
+        return sorted(instances, key=lambda i: i.id), _strata_table(strata, kept_n)
+    for items in strata.values():
+        items.sort(key=lambda i: (_rank(seed, source_key(i)), i.id))
+    emotions = sorted({e for e, _ in strata}, key=lambda e: _rank(seed, f"emotion:{e}"))
+    size_e = {e: sum(len(v) for (ee, _), v in strata.items() if ee == e) for e in emotions}
+    alloc_e = _fill(size_e, cap, lambda e, a: (a[e], emotions.index(e)))
+    spk_total: dict[str, int] = {}
+    kept_n: dict[tuple[str, str], int] = {}
+    for e in emotions:
+        sizes = {s: len(v) for (ee, s), v in strata.items() if ee == e}
+        order = sorted(sizes, key=lambda s: _rank(seed, f"speaker:{s}"))
+
+        def prio(s, a, _o=order):
+            return (a[s], spk_total.get(s, 0), _o.index(s))
+
+        alloc = _fill(sizes, alloc_e[e], prio, on_pick=lambda s: spk_total.__setitem__(s, spk_total.get(s, 0) + 1))
+        kept_n.update({(e, s): n for s, n in alloc.items()})
+    kept = sorted((i for k, items in strata.items() for i in items[: kept_n[k]]), key=lambda i: i.id)
+    return kept, _strata_table(strata, kept_n)
+
+
+def _strata_table(strata: dict[tuple[str, str], list[Instance]], kept_n: dict[tuple[str, str], int]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"emotion": e, "speaker": s, "available": len(v), "kept": kept_n[(e, s)]} for (e, s), v in sorted(strata.items())],
+        columns=["emotion", "speaker", "available", "kept"],
+    )
+
+
+def _fill(sizes: dict[str, int], total: int, prio, on_pick=None) -> dict[str, int]:
+    """Hand out `total` units one at a time to the open key with the smallest `prio(key, alloc)` (water-filling)."""
+    alloc = dict.fromkeys(sizes, 0)
+    for _ in range(min(total, sum(sizes.values()))):
+        k = min((k for k in sizes if alloc[k] < sizes[k]), key=lambda k: prio(k, alloc))
+        alloc[k] += 1
+        if on_pick is not None:
+            on_pick(k)
+    return alloc
+
+
+def load_shard(
+    manifest: str | Path, split: str, shard: int, n_shards: int, limit: int | None = None, seed: int = 0
+) -> tuple[list[Instance], pd.DataFrame]:
+    """The shard's instances of `split` in id order; with `limit`, a stratified sample (`stratified_cap`).
+
+    Also returns the per-(emotion, speaker) table of available and kept counts, logged and written beside
+    the stage's outputs so every run says what it kept.
+    """
     from .data import shard_of
 
     rows = [Instance.from_dict(d) for d in read_jsonl(manifest)]
-    inst = [i for i in rows if i.split == split and shard_of(i.id, n_shards) == shard]
-    inst.sort(key=lambda i: i.id)
+    inst = sorted((i for i in rows if i.split == split and shard_of(i.id, n_shards) == shard), key=lambda i: i.id)
+    kept, table = stratified_cap(inst, int(limit) if limit else len(inst), seed)
     if limit:
-        inst = inst[:limit]
-    return inst
+        log.info(
+            "cap %d per shard (seed %d): kept %d of %d %s instances; kept per (emotion, speaker): %s",
+            limit, seed, len(kept), len(inst), split,
+            ", ".join(f"{r.emotion}/{r.speaker}={r.kept}/{r.available}" for r in table.itertuples()),
+        )
+    return kept, table
 
 
 def settings_from(task: str, tcfg: dict[str, Any], model_cfg: dict[str, Any]) -> GenerationSettings:
@@ -182,6 +259,17 @@ def load_adapter(model_cfg: dict[str, Any]):
     return adapter
 
 
+def batch_size_of(p: dict[str, Any], override: int | None) -> int:
+    """The batch size to run: `model.batch_size` of the params, which is part of the stage-1 key and of the
+    evaluation params (bf16 GPU outputs depend on it). A different `--batch-size` still runs, with a warning,
+    and is recorded in the store's attributes."""
+    keyed = int(p["model"].get("batch_size", 1))
+    if override and int(override) != keyed:
+        log.warning("--batch-size %d differs from model.batch_size %d, which the outputs are keyed on", override, keyed)
+        return int(override)
+    return keyed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Stage 1: generate identification outputs and record neuron statistics")
     ap.add_argument("--params", required=True)
@@ -189,23 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", type=int, required=True)
     ap.add_argument("--n-shards", type=int, required=True)
     ap.add_argument("--out", required=True, help="shard directory (outputs.tsv, stats.zarr, wavs/)")
-    ap.add_argument("--batch-size", type=int, default=None, help="overrides model.batch_size (runtime only)")
+    ap.add_argument("--batch-size", type=int, default=None, help="overrides model.batch_size (warns: the outputs are keyed on model.batch_size)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
     task = p["task"]
-    instances = load_shard(a.manifest, "ident", a.shard, a.n_shards, p["task_cfg"].get("max_instances_per_shard"))
+    cap = p["task_cfg"].get("max_instances_per_shard")
+    sample_seed = int(p["task_cfg"].get("sample_seed", 0))
+    instances, strata = load_shard(a.manifest, "ident", a.shard, a.n_shards, cap, sample_seed)
     log.info("shard %d/%d: %d identification instances", a.shard, a.n_shards, len(instances))
+    batch_size = batch_size_of(p, a.batch_size)
     adapter = load_adapter(p["model"])
     settings = settings_from(task, p["task_cfg"], p["model"])
     with atomic_dir(a.out) as tmp:
+        write_table(tmp / "strata.tsv", strata)
         run(
             adapter,
             instances,
             settings,
             out_table=tmp / "outputs.tsv",
             wav_dir=tmp / "wavs" if task == "evc" else None,
-            batch_size=a.batch_size or int(p["model"].get("batch_size", 1)),
+            batch_size=batch_size,
             component=p["component"],
             site=p["hook_site"],
             stats_out=tmp / "stats.zarr",
@@ -219,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 "spans": list(SPANS),
                 "shard": a.shard,
                 "n_shards": a.n_shards,
+                "batch_size": batch_size,
+                "max_instances_per_shard": cap,
+                "sample_seed": sample_seed,
             },
         )
     return 0

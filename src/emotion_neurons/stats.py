@@ -182,7 +182,7 @@ def aggregate(
     """
     unknown = [s for s in spans if s not in SPANS]
     if unknown:
-        raise ValueError(f"spans has unknown spans {unknown}; expected a subset of {list(SPANS)}")
+        raise ValueError(f"tasks.<task>.spans has unknown spans {unknown}; expected a subset of {list(SPANS)}")
     stores = list(stores)
     if not stores:
         raise ValueError("no statistics stores given")
@@ -225,7 +225,7 @@ def aggregate(
                 jobs.append((e, si, name, np.asarray(rows, dtype=np.int64)))
     if (T == 0).any():
         empty = [emotions[i] for i in np.flatnonzero(T == 0)]
-        raise ValueError(f"no valid tokens for emotions {empty}; check the filter and the task's spans")
+        raise ValueError(f"no valid tokens for emotions {empty}; check the filter and tasks.<task>.spans")
     arrays = {(si, name): opened[si][name] for _, si, name, _ in jobs}  # one open per array
     K = np.zeros((E, L, N), dtype=np.int64)
     S = np.zeros((E, L, N), dtype=np.float64) if has_sums else None

@@ -20,7 +20,7 @@ rule aggregate:
             {
                 "task": wc.task,
                 "emotions": emotions(wc.task),
-                "spans": config["aggregate"]["spans"],
+                "spans": task_spans(wc.task),
                 "filter": config["filter"],
                 "code": code_version("aggregate"),
             }

@@ -13,9 +13,17 @@ from emotion_neurons.config import (  # noqa: E402
     dumps,
     stage1_identity,
     stage1_key,
+    stage1_task_cfg,
     task_dataset,
 )
 
+if "spans" in (config.get("aggregate") or {}):
+    raise ValueError(
+        "config key aggregate.spans was replaced by per-task keys tasks.evc.spans (default [text, generated]) "
+        "and tasks.ser.spans (default [audio, text, generated]); move the setting there"
+    )
+if config.get("aggregate") == {}:  # an empty leftover section of older configs
+    del config["aggregate"]
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUN = f"results/{config['run_name']}"
@@ -89,7 +97,12 @@ def condition(task, cid):
 
 
 def model_params():
-    return {k: v for k, v in config["model"].items() if k != "batch_size"}
+    """All model settings, batch size included (outputs depend on it; see config.STAGE1_MODEL_KEYS)."""
+    return dict(config["model"])
+
+
+def task_spans(task):
+    return list(config["tasks"][task]["spans"])
 
 
 def stage1_params(task):
@@ -132,11 +145,13 @@ def eval_params(wc):
             "task": wc.task,
             "condition": condition(wc.task, wc.condition),
             "model": model_params(),
-            "task_cfg": config["tasks"][wc.task],
+            "task_cfg": {
+                k: v for k, v in config["tasks"][wc.task].items() if k != "spans"
+            },
             "data": config["data"],
             "eval": {
                 k: config["evaluate"].get(k)
-                for k in ("positions", "max_instances_per_shard")
+                for k in ("positions", "max_instances_per_shard", "sample_seed")
             },
             "component": config["component"],
             "hook_site": config["hook_site"],

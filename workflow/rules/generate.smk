@@ -15,7 +15,7 @@ rule prepare:
         p=lambda wc: dumps(
             {
                 "task": KEY2TASK[wc.key],
-                "task_cfg": config["tasks"][KEY2TASK[wc.key]],
+                "task_cfg": stage1_task_cfg(config, KEY2TASK[wc.key]),
                 "dataset": task_dataset(config, KEY2TASK[wc.key]),
                 "data": config["data"],
                 "code": code_version("prepare"),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import inspect
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +50,70 @@ DEFAULT_SPEAKER = "Chelsie"
 TALKER_MAX_NEW_TOKENS = 4096
 
 
+def instance_seed(seed: int, instance_id: str) -> int:
+    """Per-instance seed from the config seed and the instance id (sha256; independent of batch and order)."""
+    digest = hashlib.sha256(f"{int(seed)}:{instance_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def talker_sampling(generate: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The talker's temperature / top-k / top-p: `talker_*` extras, else the defaults of upstream `generate`."""
+    params = inspect.signature(generate).parameters
+    return {k: extra.get(f"talker_{k}", params[f"talker_{k}"].default) for k in ("temperature", "top_k", "top_p")}
+
+
+class RowSampler:
+    """Sample each row from its own seeded generator, then leave only the drawn token (greedy keeps it).
+
+    The same warpers and draw as transformers' sampling (temperature, top-k, top-p, softmax, multinomial),
+    applied after every other processor (repetition penalty, suppressed and minimum-length tokens).
+    """
+
+    def __init__(self, seeds: list[int], temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers: list[Any] = []
+        if temperature is not None and float(temperature) != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(float(temperature)))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(int(top_k)))
+        if top_p is not None and float(top_p) < 1.0:
+            self.warpers.append(TopPLogitsWarper(float(top_p)))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            if len(self.seeds) != scores.shape[0]:
+                raise RuntimeError(f"RowSampler has {len(self.seeds)} seeds for a batch of {scores.shape[0]}")
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        drawn = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)])
+        out = torch.full_like(scores, -float("inf"))
+        out[torch.arange(scores.shape[0], device=scores.device), drawn] = 0.0
+        return out
+
+
+@contextlib.contextmanager
+def seeded_calls(module: torch.nn.Module, seeds: list[int]) -> Iterator[None]:
+    """Reseed the global RNG before the k-th call of `module` with `seeds[k]` (token2wav runs row by row)."""
+    calls = iter(seeds)
+
+    def pre_hook(mod: torch.nn.Module, args: tuple) -> None:
+        seed = next(calls, None)
+        if seed is None:
+            raise RuntimeError(f"{type(mod).__name__} called more often than the batch has rows")
+        torch.manual_seed(seed)
+
+    handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def num_audio_tokens(feature_lengths: torch.Tensor) -> torch.Tensor:
     """Audio placeholder count per clip from its mel-frame count (processing_qwen2_5_omni.py
     `_get_feat_extract_output_lengths`: conv stride 2, then 2x average pooling)."""
@@ -69,7 +137,9 @@ class QwenOmniAdapter(ModelAdapter):
       (`load_speakers`, default "Chelsie"), talker EOS ids = codec pad/end ids of the talker config
       (upstream hard-codes the 7B values 8292/8294 as defaults), waveform at 24 kHz. Knobs come from
       `settings.extra`: `talker_do_sample` (default True) and any `thinker_*` / `talker_*` / `token2wav_*`
-      key pass through. The talker budget is capped by `dit_config.max_position_embeddings // repeats` (the
+      key pass through. Talker sampling and token2wav noise are seeded per instance (`instance_seed` of
+      `settings.seed` and the instance id; `RowSampler`, `seeded_calls`), so the speech of an instance does not
+      depend on its batch. The talker budget is capped by `dit_config.max_position_embeddings // repeats` (the
       most codes token2wav accepts) and `talker_min_new_tokens` defaults to 1, because a first-step codec
       EOS makes token2wav fail on zero codes.
     - Loading: the class's `from_pretrained` requires `spk_dict.pt`; without one the checkpoint loads through
@@ -254,16 +324,28 @@ class QwenOmniAdapter(ModelAdapter):
         kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
         speaker = self.resolve_speaker(settings.speaker)
 
-        torch.manual_seed(int(settings.seed))  # seeds every device: talker sampling and token2wav noise
+        torch.manual_seed(int(settings.seed))
         wavs: list[torch.Tensor] | None = None
+        seed_rows = contextlib.nullcontext()
         with torch.no_grad():
             if settings.want_audio:
                 if speaker is None or not getattr(model, "has_talker", False):
                     raise RuntimeError(f"{self.model_id}: no talker/speakers loaded, cannot generate speech")
                 talker = model.talker
+                # one seed per instance, never per batch, so an instance's speech does not depend on which
+                # instances share its batch: the talker samples each row from its own generator (upstream
+                # samples all rows from the global RNG) and token2wav draws each row's noise after reseeding
+                row_seeds = [instance_seed(settings.seed, inst.id) for inst in prepared.instances]
+                if bool(settings.extra.get("talker_do_sample", True)):
+                    from transformers import LogitsProcessorList
+
+                    kw["talker_logits_processor"] = LogitsProcessorList(
+                        [RowSampler(row_seeds, **talker_sampling(type(model).generate, settings.extra))]
+                    )
+                seed_rows = seeded_calls(model.token2wav, row_seeds)
                 kw.update(
                     speaker=speaker,
-                    talker_do_sample=bool(settings.extra.get("talker_do_sample", True)),
+                    talker_do_sample=False,  # RowSampler already drew the token: greedy keeps it
                     # an EOS as the very first code makes token2wav fail on an empty code sequence
                     talker_min_new_tokens=int(settings.extra.get("talker_min_new_tokens", 1)),
                     talker_eos_token_id=[int(talker.codec_pad_token), int(talker.codec_eos_token)],
@@ -276,7 +358,8 @@ class QwenOmniAdapter(ModelAdapter):
                 for k, v in settings.extra.items():  # other talker_* knobs (top_k, top_p, temperature, ...)
                     if k.startswith("talker_") and k not in kw:
                         kw[k] = v
-                sequences, audio = model.generate(**kw)
+                with seed_rows:
+                    sequences, audio = model.generate(**kw)
                 wavs = [audio] if isinstance(audio, torch.Tensor) else list(audio)
             elif speaker is not None:
                 sequences = model.generate(**kw, speaker=speaker, generation_mode="text")
