@@ -180,15 +180,6 @@ def test_keep_too_few():
         keep(d, "evc", ["angry", "happy"], c=5, seed=0, on_too_few="warn", min_per_emotion=2)
 
 
-def test_condition_grid():
-    sel = {"selectors": ["cas", "random"], "r": [0.01], "random_seeds": 2}
-    ev = {"interventions": ["deactivate", "steer"], "alpha": [0.5, 1.0]}
-    ids = [c["condition"] for c in conditions.grid(sel, ev)]
-    assert ids[0] == "baseline"
-    assert "cas-r0.01-deactivate" in ids and "cas-r0.01-steer-a0.5" in ids and "random-r0.01-steer-a1-s1" in ids
-    assert len(ids) == 1 + 3 * (1 + 2)
-
-
 def test_dataset_fingerprint_tracks_content_not_location(tmp_path):
     import shutil
 
