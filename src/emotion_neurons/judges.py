@@ -310,6 +310,7 @@ class EmotionJudge:
     ``ncpu``: torch threads while the judge runs (funasr sets them process-wide on load and on every
     ``generate``; default 4). Default: the caller's current count. The caller's count is restored after
     each call, so a judge with ``ncpu=1`` does not slow down a model running in the same process.
+    The checkpoint is unpickled weights-only (:func:`weights_only_torch_load`), whatever the environment says.
     """
 
     def __init__(self, model: str, device: str = "cpu", hub: str = "ms", ncpu: int | None = None) -> None:
