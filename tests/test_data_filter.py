@@ -142,6 +142,8 @@ def _evc_judged():
             "target": ["angry"] * 4 + ["happy"] * 4,
             "pred": ["angry", "angry", "angry", "sad", "happy", "happy", "sad", "sad"],
             "wer": [0.0, 0.05, 0.5, 0.0, 0.0, 0.2, 0.0, 0.0],
+            "wer_edits": [0, 1, 5, 0, 0, 2, 0, 0],
+            "ref_words": [10, 20, 10, 10, 10, 10, 10, 10],
             "refusal": [False, False, False, False, False, False, False, True],
             "empty": False,
         }
@@ -157,10 +159,11 @@ def test_decide_evc():
 
 def test_keep_caps_to_smallest_and_is_deterministic():
     d = decide(_evc_judged(), "evc", None)
-    kept, summary = keep(d, "evc", ["angry", "happy"], c=50, seed=0)
+    with pytest.warns(UserWarning, match="c = 50"):
+        kept, summary = keep(d, "evc", ["angry", "happy"], c=50, seed=0, on_too_few="warn")
     assert summary["available"].tolist() == [3, 2] and summary["kept"].tolist() == [2, 2]
     assert kept.groupby("emotion").size().tolist() == [2, 2]
-    again, _ = keep(d, "evc", ["angry", "happy"], c=50, seed=0)
+    again, _ = keep(d, "evc", ["angry", "happy"], c=2, seed=0)
     pd.testing.assert_frame_equal(kept, again)
     picks = {tuple(keep(d, "evc", ["angry", "happy"], c=1, seed=s)[0]["id"]) for s in range(10)}
     assert len(picks) > 1
@@ -175,9 +178,35 @@ def test_keep_too_few():
         keep(d, "evc", ["angry", "happy"], c=5, seed=0)
     with pytest.raises(TooFewSuccesses):  # warn still fails when an emotion has none
         keep(d, "evc", ["angry", "happy"], c=5, seed=0, on_too_few="warn")
-    d.loc[d["id"] == "i4", "success"] = True
-    with pytest.warns(UserWarning, match="too few"):
-        keep(d, "evc", ["angry", "happy"], c=5, seed=0, on_too_few="warn", min_per_emotion=2)
+
+
+def test_keep_error_mode_checks_c_not_min_per_emotion():
+    """Issue 9 case 7: with on_too_few: error, fewer than c successes for any emotion fails, naming counts."""
+    d = decide(_evc_judged(), "evc", None)  # successes: angry 3, happy 2
+    kept, _ = keep(d, "evc", ["angry", "happy"], c=2, seed=0)  # enough for c: fine
+    assert kept.groupby("emotion").size().tolist() == [2, 2]
+    with pytest.raises(TooFewSuccesses, match=r"filter\.c = 3.*happy: 2 < 3") as err:
+        keep(d, "evc", ["angry", "happy"], c=3, seed=0, on_too_few="error", min_per_emotion=1)
+    assert "angry: 3" not in str(err.value).split("short")[-1]  # only the short emotions are listed as short
+    assert "on_too_few: warn" in str(err.value)  # the way out is named once, in error mode
+
+
+def test_keep_warn_mode_message_and_floor():
+    d = decide(_evc_judged(), "evc", None)  # successes: angry 3, happy 2
+    with pytest.warns(UserWarning, match=r"happy: 2 < 3") as rec:
+        kept, summary = keep(d, "evc", ["angry", "happy"], c=3, seed=0, on_too_few="warn")
+    msg = str(rec[0].message)
+    assert "on_too_few: warn" not in msg and "set filter.on_too_few" not in msg  # already set
+    assert summary["kept"].tolist() == [2, 2] and len(kept) == 4
+    # mean per-utterance WER and corpus WER of the identification outputs, per emotion
+    assert summary["wer"].tolist() == pytest.approx([0.1375, 0.05])
+    assert summary["corpus_wer"].tolist() == pytest.approx([(0 + 1 + 5 + 0) / 50, (0 + 2 + 0 + 0) / 40])
+    # Below the floor min_per_emotion even warn fails, and says which key to change.
+    with pytest.raises(TooFewSuccesses, match=r"min_per_emotion = 3.*happy: 2") as err:
+        keep(d, "evc", ["angry", "happy"], c=5, seed=0, on_too_few="warn", min_per_emotion=3)
+    assert "on_too_few: warn" not in str(err.value)
+    with pytest.raises(ValueError, match="min_per_emotion.*exceeds.*c"):
+        keep(d, "evc", ["angry", "happy"], c=2, seed=0, on_too_few="warn", min_per_emotion=3)
 
 
 def test_dataset_fingerprint_tracks_content_not_location(tmp_path):

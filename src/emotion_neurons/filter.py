@@ -41,7 +41,17 @@ def keep(
     """Choose up to `c` instances per emotion, all classes capped at the smallest available count.
 
     Only identification instances count. The choice is deterministic: ids are sorted, then permuted by `seed`.
+    Too few (fewer than `c` available for some emotion): `on_too_few: error` raises TooFewSuccesses naming
+    the short emotions and their counts; `warn` warns and every emotion keeps the smallest count, but still
+    raises below the floor `min_per_emotion` (at least 1).
     """
+    if on_too_few not in ("error", "warn"):
+        raise ValueError(f"filter.on_too_few must be 'error' or 'warn', got {on_too_few!r}")
+    floor = max(1, int(min_per_emotion))
+    if on_too_few == "warn" and floor > c:
+        raise ValueError(
+            f"filter.min_per_emotion = {min_per_emotion} exceeds filter.c = {c}: no emotion can keep that many"
+        )
     group_col = "target" if task == "evc" else "emotion"
     df = df[df["split"].eq("ident")] if "split" in df else df
     pool = df[df["success"]] if use_filter else df[df["status"].eq("ok")]
@@ -56,17 +66,34 @@ def keep(
             "kept": [budget] * len(emotions),
         }
     )
-    if budget < max(1, min_per_emotion):
-        short = [e for e in emotions if counts[e] < max(1, min_per_emotion)]
-        msg = (
-            f"too few successful identification instances: {counts} (need >= {max(1, min_per_emotion)} per "
-            f"emotion; short: {short}). Lower filter thresholds, raise the data size, or set filter.on_too_few: warn"
+    if task == "evc" and {"wer", "wer_edits", "ref_words"} <= set(df.columns):
+        # content judge over the identification outputs: mean per-utterance WER and corpus WER side by side
+        ok = df[df["status"].eq("ok")] if "status" in df else df
+        grp = [ok[ok[group_col] == e] for e in emotions]
+        summary["wer"] = [pd.to_numeric(g["wer"], errors="coerce").mean() for g in grp]
+        summary["corpus_wer"] = [_ratio(g["wer_edits"], g["ref_words"]) for g in grp]
+    what = "successful identification instances" if use_filter else "identification outputs (filter off)"
+    have = ", ".join(f"{e}: {n}" for e, n in counts.items())
+    short_c = ", ".join(f"{e}: {counts[e]} < {c}" for e in emotions if counts[e] < c)
+    if short_c and on_too_few == "error":
+        raise TooFewSuccesses(
+            f"filter.c = {c} but there are too few {what} per emotion ({have}); short: {short_c}. Lower "
+            "filter.c, relax the judges' thresholds (filter.wer_max), add data, or set filter.on_too_few: warn "
+            "to keep the smallest count for every emotion"
         )
-        if on_too_few == "error" or budget == 0:
-            raise TooFewSuccesses(msg)
-        warnings.warn(msg, stacklevel=2)
-    if budget < c:
-        log.warning("only %d successes for the smallest emotion; every emotion keeps %d (c=%d)", budget, budget, c)
+    if budget < floor:
+        short = ", ".join(f"{e}: {counts[e]} < {floor}" for e in emotions if counts[e] < floor)
+        raise TooFewSuccesses(
+            f"filter.min_per_emotion = {floor} but there are too few {what} per emotion ({have}); short: "
+            f"{short}. Relax the judges' thresholds (filter.wer_max), add data, or lower filter.min_per_emotion"
+        )
+    if short_c:
+        warnings.warn(
+            f"filter.c = {c} but there are too few {what} per emotion ({have}); short: {short_c}. "
+            f"Every emotion keeps {budget}, so the masks rest on fewer instances than asked",
+            stacklevel=2,
+        )
+        log.warning("every emotion keeps %d instead of c = %d (short: %s)", budget, c, short_c)
     rng = np.random.default_rng(seed)
     parts = []
     for e in emotions:
@@ -74,6 +101,13 @@ def keep(
         chosen = ids[rng.permutation(len(ids))[:budget]] if len(ids) else ids
         parts.append(pd.DataFrame({"id": sorted(chosen), "emotion": e}))
     return pd.concat(parts, ignore_index=True), summary
+
+
+def _ratio(num: pd.Series, den: pd.Series) -> float:
+    n, d = pd.to_numeric(num, errors="coerce"), pd.to_numeric(den, errors="coerce")
+    ok = n.notna() & d.notna()
+    total = float(d[ok].sum())
+    return float(n[ok].sum()) / total if total > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

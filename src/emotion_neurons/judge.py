@@ -1,8 +1,12 @@
 """Stage 2 (and the judging half of stage 4): score generated outputs with external judges.
 
-Judges record raw measures only (predicted emotion and probabilities, WER/CER, refusal, empty output); the
-thresholds that turn them into success live in `filter.decide`, so changing `filter.wer_max` never re-runs a
-judge.
+Judges record raw measures only (predicted emotion and probabilities, WER/CER with the word edit and
+reference word counts behind the WER, refusal, empty output); the thresholds that turn them into success live
+in `filter.decide`, so changing `filter.wer_max` never re-runs a judge.
+
+The EVC emotion judge decides among ALL of the dataset's emotions, the source emotion included
+(:func:`judge_labels`, METHOD.md section 3.2): an unconverted, neutral-sounding output is judged "neutral"
+and fails, whatever its target.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .config import code_version, task_dataset
 from .io import AudioError, load_audio, read_table, write_table
 from .prompts import parse_answer
 
@@ -34,25 +39,52 @@ def judge_ser(outputs: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def judge_labels(config: dict[str, Any], task: str) -> list[str]:
+    """The emotions a task's judge decides among.
+
+    EVC: every emotion of the task's dataset -- the source emotion first, then the targets, then any other
+    emotion of the dataset -- never the targets alone (METHOD.md 3.2, issue 7 defect 1: with the targets
+    only, an output scored 0.90 neutral was judged a successful conversion). SER: the task's labels.
+    """
+    tcfg = config["tasks"][task]
+    if task != "evc":
+        return list(tcfg["labels"])
+    dataset = task_dataset(config, task)
+    return list(dict.fromkeys([tcfg["source_emotion"], *tcfg["target_emotions"], *dataset["emotions"].values()]))
+
+
+def params(config: dict[str, Any], task: str, cond: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameters of a judge job (the judge rules pass them as sorted JSON); EVC label map checked here."""
+    labels = judge_labels(config, task)
+    if task == "evc":
+        from .judges import check_label_map
+
+        check_label_map(labels, config["judges"]["emotion"]["label_map"])
+    return {
+        "task": task,
+        "judges": config["judges"] if task == "evc" else {},
+        "labels": labels,
+        "condition": cond,
+        "code": code_version("judge"),
+    }
+
+
 class EvcJudge:
-    """emotion2vec (target emotion) + faster-whisper (content) + refusal detection for EVC outputs."""
+    """emotion2vec (target emotion) + faster-whisper (content) + refusal detection for EVC outputs.
+
+    ``labels``: all of the dataset's emotions (:func:`judge_labels`); every row's source emotion and
+    target must be among them, or the judge refuses to run (naming the instance).
+    """
 
     def __init__(self, cfg: dict[str, Any], labels: list[str]) -> None:
-        from .judges import EMOTION2VEC_LABELS, AsrJudge, EmotionJudge
+        from .judges import AsrJudge, EmotionJudge, check_label_map
 
         ecfg, acfg = cfg["emotion"], cfg["asr"]
-        label_map: dict[str, str] = ecfg["label_map"]
-        missing = [e for e in labels if e not in label_map]
-        if missing:
-            raise KeyError(f"judges.emotion.label_map has no entry for dataset emotions {missing}")
-        bad = [v for v in label_map.values() if v not in EMOTION2VEC_LABELS]
-        if bad:
-            raise KeyError(f"judges.emotion.label_map maps to unknown emotion2vec labels {bad}")
-        self.labels = labels
-        self.e2v_index = [EMOTION2VEC_LABELS.index(label_map[e]) for e in labels]
+        self.label_map: dict[str, str] = dict(ecfg["label_map"])
+        self.labels = list(labels)
+        self.e2v_index = check_label_map(self.labels, self.label_map)
         self.restrict = bool(ecfg.get("restrict_to_dataset_labels", True))
-        self.all_labels = list(EMOTION2VEC_LABELS)
-        self.inverse = {v: k for k, v in label_map.items()}
+        self.inverse = {self.label_map[e]: e for e in self.labels}
         self.emotion = EmotionJudge(ecfg["model"], device=_device(ecfg.get("device", "auto")))
         self.asr = AsrJudge(
             acfg["model"],
@@ -63,12 +95,33 @@ class EvcJudge:
             max_new_tokens=acfg.get("max_new_tokens"),
         )
 
+    def _check_row(self, row: dict[str, Any]) -> None:
+        for key, what in (("target", "target"), ("emotion", "source emotion")):
+            value = row.get(key)
+            if value not in self.labels:
+                raise ValueError(
+                    f"instance {row.get('id')!r}: its {what} {value!r} is not among the judge's labels "
+                    f"{self.labels}; the emotion judge must decide among all of the dataset's emotions, the "
+                    "source emotion included (METHOD.md 3.2), or an unconverted output could pass"
+                )
+
+    def emotion_decision(self, probs: np.ndarray, target: str) -> tuple[str, float]:
+        """(predicted dataset emotion, probability of the target) from one [9] emotion2vec vector."""
+        from .judges import EMOTION2VEC_LABELS, restricted_argmax
+
+        if self.restrict:
+            winners, renorm = restricted_argmax(probs[None, :], self.labels, self.label_map)
+            return winners[0], float(renorm[0, self.labels.index(target)])
+        e2v = EMOTION2VEC_LABELS[int(np.argmax(probs))]
+        return self.inverse.get(e2v, e2v), float(probs[self.e2v_index[self.labels.index(target)]])
+
     def __call__(self, outputs: pd.DataFrame, base_dir: Path) -> pd.DataFrame:
-        from .judges import cer, is_refusal, wer
+        from .judges import cer, is_refusal, word_errors
 
         records = []
         for row in tqdm(outputs.to_dict("records"), desc="judge", file=sys.stderr, mininterval=5):
-            rec = {"pred": "", "target_prob": 0.0, "wer": 1.0, "cer": 1.0, "asr_text": "", "empty": True}
+            self._check_row(row)
+            rec: dict[str, Any] = {"pred": "", "target_prob": 0.0, "asr_text": "", "empty": True}
             text = str(row.get("output_text") or "")
             rec["refusal"] = is_refusal(text)
             wav_rel = row.get("output_wav")
@@ -80,19 +133,17 @@ class EvcJudge:
                 else:
                     rec["empty"] = False
                     probs = self.emotion.score([wav], [16000])[0]
-                    if self.restrict:
-                        sub = probs[self.e2v_index]
-                        sub = sub / max(float(sub.sum()), 1e-12)
-                        rec["pred"] = self.labels[int(np.argmax(sub))]
-                        rec["target_prob"] = float(sub[self.labels.index(row["target"])])
-                    else:
-                        e2v = self.all_labels[int(np.argmax(probs))]
-                        rec["pred"] = self.inverse.get(e2v, e2v)
-                        rec["target_prob"] = float(probs[self.e2v_index[self.labels.index(row["target"])]])
+                    rec["pred"], rec["target_prob"] = self.emotion_decision(probs, str(row["target"]))
                     rec["asr_text"] = self.asr.transcribe(wav, 16000)
-                    rec["wer"] = wer(str(row["text"]), rec["asr_text"])
-                    rec["cer"] = cer(str(row["text"]), rec["asr_text"])
                     rec["refusal"] = rec["refusal"] or is_refusal(rec["asr_text"])
+            # No usable output = the empty hypothesis: every reference word deleted, WER exactly 1.0. Real
+            # WER is never capped (insertions can take it above 1), so the two are on one scale.
+            try:
+                edits, n_ref = word_errors(str(row["text"]), rec["asr_text"])
+                rec["cer"] = cer(str(row["text"]), rec["asr_text"])
+            except ValueError as e:
+                raise ValueError(f"instance {row.get('id')!r}: {e}") from None
+            rec.update(wer=edits / n_ref, wer_edits=edits, ref_words=n_ref)
             records.append(rec)
         return pd.concat([outputs.reset_index(drop=True), pd.DataFrame(records)], axis=1)
 

@@ -3,7 +3,8 @@
 - Emotion: emotion2vec (``emotion2vec_plus_large`` via funasr), 16 kHz, run one utterance at a time
   (padded batches give different scores, emotion2vec issue 37), labels reordered by name into
   :data:`EMOTION2VEC_LABELS` (the order differs between loading paths, funasr issue 2728).
-- Content: faster-whisper ASR, WER/CER after ONE shared text normaliser for reference and hypothesis.
+- Content: faster-whisper ASR, WER/CER after ONE shared text normaliser for reference and hypothesis:
+  Whisper's English text normaliser (package ``whisper-normalizer``, METHOD.md section 3.2).
 - Refusal and silence: cheap checks that an EVC output is a real attempt.
 
 funasr and faster_whisper are imported lazily inside the classes (``import funasr`` takes ~7 s).
@@ -11,11 +12,15 @@ funasr and faster_whisper are imported lazily inside the classes (``import funas
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
+import os
+import pickle
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +41,6 @@ EMOTION2VEC_LABELS: tuple[str, ...] = (
 )
 """Column order of :meth:`EmotionJudge.score` (the emotion2vec+ 9-class order)."""
 
-EMOTION_ALIASES: dict[str, str] = {
-    "anger": "angry",
-    "angry": "angry",
-    "disgust": "disgusted",
-    "disgusted": "disgusted",
-    "fear": "fearful",
-    "fearful": "fearful",
-    "happiness": "happy",
-    "happy": "happy",
-    "joy": "happy",
-    "neutral": "neutral",
-    "other": "other",
-    "sad": "sad",
-    "sadness": "sad",
-    "surprise": "surprised",
-    "surprised": "surprised",
-    "unknown": "<unk>",
-    "<unk>": "<unk>",
-}
-"""Dataset emotion names (ESD, IEMOCAP, MELD, MSP-Podcast spellings) -> emotion2vec label."""
-
 JUDGE_SAMPLE_RATE = 16000
 """Both emotion2vec and Whisper take 16 kHz input."""
 
@@ -65,51 +49,70 @@ JUDGE_SAMPLE_RATE = 16000
 
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
-_NON_WORD = re.compile(r"[^\w\s']|_")
-_LONE_APOSTROPHE = re.compile(r"(?<!\w)'|'(?!\w)")
 _SPACES = re.compile(r"\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def _whisper_english_normalizer() -> Any:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
 
 
 def normalize_text(s: str) -> str:
     """The one normaliser applied to both reference and hypothesis before WER/CER.
 
-    Steps: Unicode NFKC; lowercase; typographic apostrophes (’ ‘ ʼ ′ `) -> ``'``; every character that
-    is not a letter, digit, whitespace or apostrophe becomes a space (so "well-known" -> "well known",
-    "U.S." -> "u s"); apostrophes are kept only inside words ("don't" stays, "'cause" -> "cause");
-    whitespace collapsed and stripped. Nothing is spelled out: "7" and "seven" stay different, because
-    any number/contraction expansion is a modelling choice that would change WER asymmetrically.
+    Whisper's English text normaliser (``whisper_normalizer.english.EnglishTextNormalizer``, a maintained
+    copy of openai-whisper's): lower case, bracketed events and fillers removed, contractions expanded
+    ("we're" -> "we are"), spelled numbers standardised ("twenty one" -> "21"), British spellings
+    Americanised, punctuation and diacritics removed. Why: it is the field's standard for Whisper-based
+    WER (METHOD.md section 3.2); a home-made normaliser scored "We're gonna win, aren't we?" against
+    "we are going to win are not we" as WER 1.20. Whitespace is collapsed and stripped afterwards.
     """
-    s = unicodedata.normalize("NFKC", s).lower().translate(_APOSTROPHES)
-    s = _NON_WORD.sub(" ", s)
-    s = _LONE_APOSTROPHE.sub(" ", s)
-    return _SPACES.sub(" ", s).strip()
+    return " ".join(_whisper_english_normalizer()(s).split())
 
 
-def _prepare_pair(ref: str, hyp: str) -> tuple[str, str]:
-    r, h = normalize_text(ref), normalize_text(hyp)
+def _ref_words(ref: str) -> list[str]:
+    r = normalize_text(ref).split()
     if not r:
         raise ValueError(f"reference transcript is empty after normalisation: {ref!r}")
-    return r, h
+    return r
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(word edits, reference words) of ``hyp`` against ``ref`` after :func:`normalize_text`.
+
+    Edits = substitutions + deletions + insertions (jiwer's alignment). An empty hypothesis (no speech,
+    no usable audio) is all deletions: edits = reference words. Summing both over utterances gives the
+    corpus WER. Raises ValueError for an empty reference (WER is undefined; it signals a data bug).
+    """
+    import jiwer
+
+    r = _ref_words(ref)
+    h = normalize_text(hyp).split()
+    if not h:
+        return len(r), len(r)
+    out = jiwer.process_words(" ".join(r), " ".join(h))
+    return int(out.substitutions + out.deletions + out.insertions), len(r)
 
 
 def wer(ref: str, hyp: str) -> float:
-    """Word error rate of ``hyp`` against ``ref`` after :func:`normalize_text`; empty hyp -> 1.0.
+    """Word error rate after :func:`normalize_text`: edits / reference words, never capped.
 
-    Raises ValueError for an empty reference (WER is undefined; it signals a data bug, not a miss).
+    An empty hypothesis gives exactly 1.0 (every word deleted); a hypothesis with many insertions gives
+    more than 1.0 (e.g. "go home" -> "go home now and then sleep" is 2.0). Nothing is clipped, so the
+    empty output is not made to look better or worse than a long hallucination.
     """
-    import jiwer
-
-    r, h = _prepare_pair(ref, hyp)
-    if not h:
-        return 1.0
-    return float(jiwer.wer(r, h))
+    edits, n = word_errors(ref, hyp)
+    return edits / n
 
 
 def cer(ref: str, hyp: str) -> float:
-    """Character error rate (spaces count as characters) after :func:`normalize_text`; empty hyp -> 1.0."""
+    """Character error rate (spaces count) after :func:`normalize_text`; empty hyp -> 1.0; never capped."""
     import jiwer
 
-    r, h = _prepare_pair(ref, hyp)
+    r = " ".join(_ref_words(ref))
+    h = normalize_text(hyp)
     if not h:
         return 1.0
     return float(jiwer.cer(r, h))
@@ -184,14 +187,6 @@ def is_silent(wav: np.ndarray, sr: int, min_rms_db: float = -50.0, min_seconds: 
 # Emotion judge
 
 
-def to_emotion2vec_label(name: str) -> str:
-    """Map a dataset emotion name (any case, e.g. "Surprise", "anger") to its emotion2vec label."""
-    key = name.strip().lower()
-    if key not in EMOTION_ALIASES:
-        raise ValueError(f"emotion {name!r} has no emotion2vec counterpart; known: {sorted(EMOTION_ALIASES)}")
-    return EMOTION_ALIASES[key]
-
-
 def _english_label(label: str) -> str:
     """ "生气/angry" -> "angry"; "<unk>" -> "<unk>" (emotion2vec+ labels are "<Chinese>/<English>")."""
     return label.split("/")[-1].strip().lower()
@@ -211,30 +206,96 @@ def label_permutation(labels: Sequence[str]) -> np.ndarray:
     return np.array([names.index(lab) for lab in EMOTION2VEC_LABELS], dtype=np.int64)
 
 
-def restricted_argmax(probs: np.ndarray, allowed: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def check_label_map(labels: Sequence[str], label_map: Mapping[str, str]) -> list[int]:
+    """Column of each dataset emotion in :data:`EMOTION2VEC_LABELS`, through ``label_map``.
+
+    Raises KeyError for a dataset emotion without an entry (naming ``judges.emotion.label_map``) and
+    ValueError for an unknown emotion2vec label or two emotions sharing one label (the argmax between
+    them would be undefined).
+    """
+    labels = list(labels)
+    if not labels:
+        raise ValueError("the emotion judge needs at least one dataset emotion to decide among")
+    missing = [e for e in labels if e not in label_map]
+    if missing:
+        raise KeyError(f"judges.emotion.label_map has no entry for dataset emotion(s) {missing}")
+    bad = {e: label_map[e] for e in labels if label_map[e] not in EMOTION2VEC_LABELS}
+    if bad:
+        raise ValueError(f"judges.emotion.label_map maps to unknown emotion2vec labels {bad}")
+    cols = [EMOTION2VEC_LABELS.index(label_map[e]) for e in labels]
+    if len(set(cols)) != len(cols):
+        shared = sorted({label_map[e] for e in labels if cols.count(EMOTION2VEC_LABELS.index(label_map[e])) > 1})
+        raise ValueError(
+            f"judges.emotion.label_map maps several dataset emotions to the same emotion2vec label {shared}: "
+            f"{ {e: label_map[e] for e in labels} }"
+        )
+    return cols
+
+
+def restricted_argmax(
+    probs: np.ndarray, labels: Sequence[str], label_map: Mapping[str, str]
+) -> tuple[list[str], np.ndarray]:
     """Argmax over the dataset's emotions only, with probabilities renormalised over them.
 
-    ``probs`` is [N, 9] in :data:`EMOTION2VEC_LABELS` order; ``allowed`` are dataset names (mapped
-    through :func:`to_emotion2vec_label`, e.g. "Surprise" -> "surprised"). Returns the winning names
-    as spelled in ``allowed`` and the [N, len(allowed)] renormalised probabilities (columns in
-    ``allowed`` order). Why: METHOD.md ``restrict_to_dataset_labels`` -- an EVC target can only be
-    one of the dataset's emotions, so "other"/"<unk>" must not win.
+    ``probs`` is [N, 9] in :data:`EMOTION2VEC_LABELS` order; ``labels`` are ALL of the dataset's emotions
+    (the EVC source emotion included), mapped to emotion2vec columns by name through ``label_map``.
+    Returns the winning dataset names and the [N, len(labels)] renormalised probabilities (columns in
+    ``labels`` order). Why: METHOD.md ``restrict_to_dataset_labels`` -- "other"/"<unk>" must not win, and
+    an unconverted, neutral-sounding output must be judged neutral (it could never be if only the target
+    emotions were allowed). An all-zero row gets uniform probabilities.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != len(EMOTION2VEC_LABELS):
         raise ValueError(f"probs must be [N, {len(EMOTION2VEC_LABELS)}], got {p.shape}")
-    allowed = list(allowed)
-    if not allowed:
-        raise ValueError("allowed must name at least one emotion")
-    cols = [EMOTION2VEC_LABELS.index(to_emotion2vec_label(a)) for a in allowed]
-    if len(set(cols)) != len(cols):
-        raise ValueError(f"allowed emotions map to duplicate emotion2vec labels: {allowed}")
+    labels = list(labels)
+    cols = check_label_map(labels, label_map)
     sub = p[:, cols]
     total = sub.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        renorm = np.where(total > 0, sub / np.where(total > 0, total, 1.0), 1.0 / len(cols))
-    winners = [allowed[i] for i in np.argmax(renorm, axis=1)] if len(renorm) else []
+    renorm = np.where(total > 0, sub / np.where(total > 0, total, 1.0), 1.0 / len(cols))
+    winners = [labels[i] for i in np.argmax(renorm, axis=1)] if len(renorm) else []
     return winners, renorm
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that is not a plain weights file (it would run code when unpickled)."""
+
+
+_FORCE_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Inside the block every ``torch.load`` is a weights-only load, whatever the environment says.
+
+    Why: funasr loads ``model.pt`` with a bare ``torch.load(path)``; ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+    in the environment turns that into a full unpickle, which runs whatever code a poisoned checkpoint
+    carries (issue 9 case 9). torch honours an explicit ``weights_only=True`` whatever that variable says;
+    the variable is also removed for the block, and both are restored afterwards. A refused file raises
+    :class:`UnsafeCheckpointError` naming it.
+    """
+    import torch
+
+    original = torch.load
+
+    def safe_load(f: Any, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> Any:
+        if weights_only is False:
+            raise UnsafeCheckpointError(f"{f}: refusing a full (code-running) unpickle; weights only")
+        try:
+            return original(f, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"{f}: refused to load: not a plain weights file (torch.load weights_only=True rejected it: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})"
+            ) from exc
+
+    saved = os.environ.pop(_FORCE_UNSAFE_ENV, None)
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+        if saved is not None:
+            os.environ[_FORCE_UNSAFE_ENV] = saved
 
 
 _MIN_E2V_SAMPLES = 400
@@ -249,6 +310,7 @@ class EmotionJudge:
     ``ncpu``: torch threads while the judge runs (funasr sets them process-wide on load and on every
     ``generate``; default 4). Default: the caller's current count. The caller's count is restored after
     each call, so a judge with ``ncpu=1`` does not slow down a model running in the same process.
+    The checkpoint is unpickled weights-only (:func:`weights_only_torch_load`), whatever the environment says.
     """
 
     def __init__(self, model: str, device: str = "cpu", hub: str = "ms", ncpu: int | None = None) -> None:
@@ -266,17 +328,18 @@ class EmotionJudge:
         threads = torch.get_num_threads()
         self.ncpu = int(ncpu) if ncpu else threads
         try:  # AutoModel calls logging.basicConfig; keep the caller's logging setup intact
-            self._model = AutoModel(
-                model=str(local) if local.exists() else str(model),
-                disable_update=True,
-                device=device,
-                hub=hub,
-                disable_pbar=True,
-                log_level="WARNING",
-                ncpu=self.ncpu,
-            )
+            with weights_only_torch_load():  # model.pt is unpickled weights-only, whatever the environment
+                self._model = AutoModel(
+                    model=str(local) if local.exists() else str(model),
+                    disable_update=True,
+                    device=device,
+                    hub=hub,
+                    disable_pbar=True,
+                    log_level="WARNING",
+                    ncpu=self.ncpu,
+                )
         except Exception as exc:
-            if local.exists():
+            if local.exists() or isinstance(exc, UnsafeCheckpointError):
                 raise
             raise RuntimeError(
                 f"could not load emotion judge {model!r} from hub {hub!r} (offline? hub ids need network "

@@ -128,10 +128,23 @@ def _target_order(d: pd.DataFrame) -> list[str]:
 # ------------------------------------------------------------------------------------------ EVC
 
 
+def _corpus_wer(d: pd.DataFrame) -> pd.Series:
+    """Sum of word edits / sum of reference words per (condition, target); NaN without those columns."""
+    keys = ["condition", "target"]
+    if not {"wer_edits", "ref_words"} <= set(d.columns):
+        return pd.Series(np.nan, index=d.groupby(keys, sort=False).size().index, name="corpus_wer")
+    e, n = _as_float(d["wer_edits"]), _as_float(d["ref_words"])
+    ok = e.notna() & n.notna()
+    g = d.assign(_e=e.where(ok, 0.0), _n=n.where(ok, 0.0)).groupby(keys, sort=False)[["_e", "_n"]].sum()
+    return (g["_e"] / g["_n"].where(g["_n"] > 0)).rename("corpus_wer")
+
+
 def evc_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per condition and target (plus the pooled target "all"): n and the mean of every EVC metric.
 
     Means skip NaN (e.g. a WER that could not be computed), so `n` counts rows, not valid values.
+    `wer` is the mean per-utterance WER; `corpus_wer` beside it is sum(word edits) / sum(reference words)
+    over the same rows (columns `wer_edits`, `ref_words` of the judged table; NaN when they are absent).
     """
     d0 = _prep_evc(df)
     targets = _target_order(d0)
@@ -139,6 +152,7 @@ def evc_summary(df: pd.DataFrame) -> pd.DataFrame:
     agg = d.groupby(["condition", "target"], sort=False).agg(
         n=("target", "size"), **{m: (c, "mean") for m, c in EVC_METRICS.items()}
     )
+    agg["corpus_wer"] = _corpus_wer(d).reindex(agg.index)
     agg = agg.reset_index()
     meta = d.drop_duplicates("condition")[list(CONDITION_COLS)]
     out = meta.merge(agg, on="condition", how="right")
@@ -147,7 +161,8 @@ def evc_summary(df: pd.DataFrame) -> pd.DataFrame:
     out = out.sort_values(["condition", "target"], kind="stable").reset_index(drop=True)
     out["condition"] = out["condition"].astype(str)
     out["target"] = out["target"].astype(str)
-    return out[[*CONDITION_COLS, "target", "n", *EVC_METRICS]]
+    cols = [m for k in EVC_METRICS for m in ((k, "corpus_wer") if k == "wer" else (k,))]
+    return out[[*CONDITION_COLS, "target", "n", *cols]]
 
 
 def _check_boot(n_boot: int, ci: float) -> None:

@@ -16,13 +16,31 @@ from .io import read_table, write_table
 
 log = logging.getLogger(__name__)
 
+#: Columns of a judged EVC table that the summary needs beyond the metrics themselves.
+EVC_JUDGED_COLS: tuple[str, ...] = ("wer_edits", "ref_words")
+
+
+def check_judged(judged: pd.DataFrame, where: str) -> None:
+    """Raise ValueError naming `where` when a judged EVC table lacks the judge's word counts."""
+    missing = [c for c in EVC_JUDGED_COLS if c not in judged.columns]
+    if missing:
+        raise ValueError(
+            f"{where} lacks column(s) {missing} (written by emotion_neurons.judge); re-run its judge_eval job"
+        )
+
 
 def summarize(
     task: str, judged: pd.DataFrame, wer_max: float | None, n_boot: int, seed: int, ci: float = 0.95
 ) -> dict[str, pd.DataFrame]:
     """Name -> table. EVC: summary, bootstrap deltas (per seed, and by selector with random controls collapsed
     over seeds), and every selector against its matched random control. SER: summary, change matrix,
-    SE/ACE/ESS, the same by selector with intervals, and against the matched random control."""
+    SE/ACE/ESS, the same by selector with intervals, and against the matched random control.
+
+    EVC summaries give the mean per-utterance WER and the corpus WER side by side (METHOD.md 3.2), so the
+    judged table must carry the judge's word counts (`wer_edits`, `ref_words`).
+    """
+    if task == "evc":
+        check_judged(judged, "judged EVC table")
     df = judged[judged["status"].eq("ok")].copy()
     df = decide(df, task, wer_max)
     if task == "evc":
@@ -49,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
-    judged = pd.concat([read_table(x) for x in a.judged], ignore_index=True)
+    parts = [read_table(x) for x in a.judged]
+    if p["task"] == "evc":
+        for path, part in zip(a.judged, parts, strict=True):
+            if not part.empty:
+                check_judged(part, path)
+    judged = pd.concat(parts, ignore_index=True)
     tables = summarize(
         p["task"], judged, p.get("wer_max"), int(p.get("bootstrap", 1000)), int(p.get("seed", 0)),
         float(p.get("ci", 0.95)),

@@ -7,6 +7,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
+from emotion_neurons import judge as _judge  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
     code_version,
@@ -111,15 +112,8 @@ def stage1_params(task):
 
 
 def judge_params(task, cond=None):
-    return dumps(
-        {
-            "task": task,
-            "judges": config["judges"] if task == "evc" else {},
-            "labels": emotions(task),
-            "condition": cond,
-            "code": code_version("judge"),
-        }
-    )
+    # EVC labels = every emotion of the dataset, source included (METHOD.md 3.2), not emotions(task)
+    return dumps(_judge.params(config, task, cond))
 
 
 def mem_mb(base):
