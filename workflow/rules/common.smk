@@ -1,6 +1,9 @@
+import functools
+import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.utils import validate
 
@@ -81,20 +84,39 @@ def shard_dirs(task):
     return [f"{stage1_dir(task)}/shard-{i}-of-{n}" for i in range(n)]
 
 
-def mask_spec(name):
-    """The mask entry of the grid named `name` (its selector, r, seed and, for random, the mask it controls)."""
-    for m in _cond.masks(config["select"]):
-        if m["mask"] == name:
-            return {k: v for k, v in m.items() if k != "source_mask"}
-    raise ValueError(f"mask {name!r} is not in the grid of select.selectors x select.r")
+# The config is fixed for the life of this process, so the grid, its lookups and every job's params are built
+# once: rebuilding the grid per job made dry runs of paper sweeps quadratic in the number of conditions.
+@functools.cache
+def _masks_by_name():
+    return {m["mask"]: m for m in _cond.masks(config["select"])}
 
 
-def conditions(task):
+@functools.cache
+def _grid():
     return _cond.grid(config["select"], config["evaluate"])
 
 
+@functools.cache
+def _grid_by_id():
+    return _cond.by_id(config["select"], config["evaluate"])
+
+
+def mask_spec(name):
+    """The mask entry of the grid named `name` (its selector, r, seed and, for random, the mask it controls)."""
+    m = _masks_by_name().get(name)
+    if m is None:
+        raise ValueError(
+            f"mask {name!r} is not in the grid of select.selectors x select.r"
+        )
+    return {k: v for k, v in m.items() if k != "source_mask"}
+
+
+def conditions(task):
+    return _grid()
+
+
 def condition(task, cid):
-    return _cond.by_id(config["select"], config["evaluate"])[cid]
+    return _grid_by_id()[cid]
 
 
 def model_params():
@@ -106,6 +128,7 @@ def task_spans(task):
     return list(config["tasks"][task]["spans"])
 
 
+@functools.cache
 def stage1_params(task):
     ident = stage1_identity(config, task)
     return dumps({**ident, "model": model_params()})
@@ -113,7 +136,12 @@ def stage1_params(task):
 
 def judge_params(task, cond=None):
     # EVC labels = every emotion of the dataset, source included (METHOD.md 3.2), not emotions(task)
-    return dumps(_judge.params(config, task, cond))
+    return _judge_params(task, dumps(cond))
+
+
+@functools.cache
+def _judge_params(task, cond_json):
+    return dumps(_judge.params(config, task, json.loads(cond_json)))
 
 
 def mem_mb(base):
@@ -134,6 +162,12 @@ def eval_inputs(wc):
 
 
 def eval_params(wc):
+    return _eval_params(wc.task, wc.condition)
+
+
+@functools.cache
+def _eval_params(task, cid):
+    wc = SimpleNamespace(task=task, condition=cid)
     return dumps(
         {
             "task": wc.task,
