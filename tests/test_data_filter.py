@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from emotion_neurons import conditions
 from emotion_neurons.data import DataError, build_instances, check_audio, read_emobox, read_esd, shard_of
 from emotion_neurons.filter import TooFewSuccesses, decide, keep
 from emotion_neurons.io import AudioError, load_audio
