@@ -8,7 +8,10 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
+from emotion_neurons.retry import SHELL_GUARD  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
+    adapter_input_window,
+    check_run_name,
     code_version,
     dumps,
     stage1_identity,
@@ -18,7 +21,7 @@ from emotion_neurons.config import (  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-RUN = f"results/{config['run_name']}"
+RUN = f"results/{check_run_name(config['run_name'])}"
 CACHE = "results/cache/stage1"
 # rules run `python -m emotion_neurons.<stage>` from this checkout (also inside cluster jobs, which re-read
 # this file), so an edit to the package is what runs without reinstalling
@@ -96,6 +99,16 @@ def judge_params(task, cond=None):
             "code": code_version("judge"),
         }
     )
+
+
+def attempt(wildcards, attempt):
+    """The job's attempt number as a resource, for SHELL_GUARD (params would re-run jobs when it changes)."""
+    return attempt
+
+
+def prepared_tables(task):
+    """Stage 0's tables of skipped audio and warnings for `task`."""
+    return [f"{stage1_dir(task)}/bad_audio.tsv", f"{stage1_dir(task)}/warnings.tsv"]
 
 
 def mem_mb(base):
