@@ -1,11 +1,16 @@
 """Retry only what a retry can fix.
 
 The GPU rules have `retries: 1` with attempt-scaled memory, for jobs killed for memory. A missing model
-directory, bad data or a full disk fail the same way again, after loading the model a second time. So a stage
-that dies of such an error prints `PERMANENT_MARKER` as the last line of its log (`run_stage`), and the rule's
-shell runs `python -m emotion_neurons.retry --log {log} --attempt N` first: on attempt 2 it finds the marker in
-attempt 1's log and fails at once, before anything loads. A job killed without a word (the OOM killer, SLURM
-memory limit, preemption) leaves no marker and is retried, as is a Python out-of-memory or connection error.
+directory, bad data or a full disk fail the same way again, after loading the model a second time. So:
+
+- a stage that dies of such an error prints `PERMANENT_MARKER` as the last line of its log (`run_stage`);
+- a failed job's shell keeps a copy of its log beside it (`SHELL_RECORD`: `<log>.previous`), because
+  Snakemake deletes the log before the next attempt;
+- the rule's shell starts with `SHELL_GUARD`: on attempt 2 it finds the marker in that copy and fails at once,
+  before anything loads, putting attempt 1's log back in place with a line saying why.
+
+A job killed without a word (the OOM killer, a SLURM memory limit, preemption) leaves no marker and is
+retried, as is a Python out-of-memory or connection error.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ PERMANENT_MARKER = "emotion-neurons: permanent failure"
 PERMANENT_EXIT = 3
 #: shell prefix of every retried rule (`{log}` and `{resources.attempt}` are filled in by Snakemake)
 SHELL_GUARD = "python -m emotion_neurons.retry --log {log} --attempt {resources.attempt} && "
+#: shell suffix of every retried rule, after its `> {log} 2>&1`: keep the log of a failed attempt
+SHELL_RECORD = " || python -m emotion_neurons.retry --log {log} --failed $?"
 
 _TRANSIENT_NAMES = {"OutOfMemoryError", "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout"}
 _OOM_TEXT = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
@@ -75,21 +82,36 @@ def previous_failure(log_text: str) -> str | None:
     return None
 
 
+def previous_log(log: str | Path) -> Path:
+    """Where a failed attempt's log is kept for the next attempt."""
+    return Path(f"{log}.previous")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Refuse a retry whose previous attempt failed permanently")
-    ap.add_argument("--log", required=True, help="the job's log (still holding the previous attempt's output)")
-    ap.add_argument("--attempt", type=int, required=True)
+    ap.add_argument("--log", required=True, help="the job's log file")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--attempt", type=int, help="before the stage: this attempt's number (guard)")
+    mode.add_argument("--failed", type=int, help="after the stage failed: its exit status (keep its log)")
     a = ap.parse_args(argv)
-    log = Path(a.log)
-    if a.attempt <= 1 or not log.is_file():
+    log, kept = Path(a.log), previous_log(a.log)
+    if a.failed is not None:
+        if log.is_file():
+            kept.write_bytes(log.read_bytes())
+        return a.failed or 1
+    if a.attempt <= 1:
+        kept.unlink(missing_ok=True)  # left by an earlier run: never blocks a fresh start
         return 0
-    line = previous_failure(log.read_text(errors="replace"))
+    if not kept.is_file():
+        return 0
+    raw = kept.read_bytes()
+    line = previous_failure(raw.decode(errors="replace"))
     if line is None:
         return 0
-    msg = f"attempt {a.attempt} not run: attempt {a.attempt - 1} ended with an error a retry cannot fix ({line}); see {log}"
-    print(msg, file=sys.stderr)
-    with open(log, "a") as f:
-        f.write(msg + "\n")
+    msg = f"attempt {a.attempt} not run: attempt {a.attempt - 1} ended with an error a retry cannot fix ({line})"
+    print(f"{msg}; see {log}", file=sys.stderr)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(raw + (b"" if raw.endswith(b"\n") else b"\n") + msg.encode() + b"\n")
     return PERMANENT_EXIT
 
 

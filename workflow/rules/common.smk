@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
-from emotion_neurons.retry import SHELL_GUARD  # noqa: E402
+from emotion_neurons.retry import SHELL_GUARD, SHELL_RECORD  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
     adapter_input_window,
     check_run_name,

@@ -55,7 +55,7 @@ rule evaluate:
     shell:
         SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
         "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
-        "--out {output} > {log} 2>&1"
+        "--out {output} > {log} 2>&1" + SHELL_RECORD
 
 
 rule judge_eval:
@@ -81,7 +81,7 @@ rule judge_eval:
             {k: v for k, v in condition(wc.task, wc.condition).items() if k != "mask"},
         ),
     shell:
-        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1" + SHELL_RECORD
 
 
 rule metrics:
