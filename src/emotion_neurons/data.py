@@ -60,7 +60,7 @@ def read_esd(
                 )
             wavs[p.stem] = p
         raw = txt.read_bytes()
-        for enc in ("utf-8", "utf-16", "gbk"):
+        for enc in ("utf-8-sig", "utf-16", "gbk"):  # -sig: a byte-order mark is not part of the first id
             try:
                 lines = raw.decode(enc).splitlines()
                 break
