@@ -386,11 +386,15 @@ def _args(wd: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_workflow_summary_and_no_retry_of_a_permanent_failure(workdir):
+def test_workflow_says_how_many_files_were_skipped(workdir):
     res = snakemake(workdir, *_args(workdir), "--until", "prepare")
     assert res.returncode == 0, res.stderr[-3000:]
     assert ("emotion-neurons evc: 2 audio file(s) skipped (1 bad, 1 longer than the model's input window)"
             in res.stderr), res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_workflow_does_not_retry_a_permanent_failure(workdir):
     res = snakemake(workdir, *_args(workdir), "--until", "generate")
     assert res.returncode != 0
     (log,) = (workdir / "results" / "cache" / "stage1").glob("evc-*/logs/generate-0-of-1.log")
