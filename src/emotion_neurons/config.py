@@ -272,3 +272,39 @@ def stage1_key(config: dict[str, Any], task: str) -> str:
     """Directory name of the cached statistics: readable prefix + hash of `stage1_identity`."""
     model = config["model"]["adapter"]
     return f"{task}-{model}-{short_hash(stage1_identity(config, task))}"
+
+
+def adapter_input_window(adapter: str) -> float | None:
+    """`max_audio_seconds` of an adapter class, read from its source so the Snakefile need not import torch.
+
+    The class attribute must be a literal (number or None) in the class body; absent means the base's None.
+    """
+    from .models import entry
+
+    module, cls = entry(adapter).target.split(":")
+    path = _module_file(module.split(".", 1)[1])
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for stmt in node.body:
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+                if any(isinstance(t, ast.Name) and t.id == "max_audio_seconds" for t in targets) and stmt.value:
+                    value = ast.literal_eval(stmt.value)
+                    return None if value is None else float(value)
+            return None
+    raise KeyError(f"class {cls} not found in {path}")
+
+
+#: results/<run_name> must stay inside results/ and apart from the stage-1 cache
+RESERVED_RUN_NAMES = {".", "..", "cache"}
+
+
+def check_run_name(name: Any) -> str:
+    """`run_name` is one plain folder name under results/: never `.`, `..`, `cache` or a path."""
+    text = str(name)
+    if not text or text in RESERVED_RUN_NAMES or "/" in text or "\\" in text or os.sep in text:
+        raise ValueError(
+            f"run_name {text!r} is not allowed: it names the folder results/<run_name>, so it must be one plain "
+            f"name (letters, digits, '_', '.', '-'), not {sorted(RESERVED_RUN_NAMES)} or a path"
+        )
+    return text

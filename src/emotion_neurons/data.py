@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .io import AudioError, load_audio, write_jsonl, write_table
+import pandas as pd
+
+from .io import AudioError, TooLongAudio, write_jsonl, write_table
 from .prompts import evc_prompt, option_order, ser_prompt
 from .types import Instance
 
@@ -21,8 +23,24 @@ class DataError(ValueError):
     """A dataset problem, with the file or config key named."""
 
 
-def read_esd(cfg: dict[str, Any]) -> list[dict[str, str]]:
-    """Utterances of an ESD-layout corpus: <root>/<spk>/<spk>.txt and <root>/<spk>/<Emotion>/**/<id>.wav."""
+def _unmatched(what: str, where: str, uid: str, on_unmatched: str, notes: list[dict[str, str]] | None) -> None:
+    """A wav without a transcript line or a line without a wav: fatal under `error`, else listed and skipped."""
+    msg = f"{where}: {what} ({uid})"
+    if on_unmatched == "error":
+        raise DataError(msg + "; fix the corpus or set data.on_unmatched: warn to skip it")
+    log.warning("skipping %s", msg)
+    if notes is not None:
+        notes.append({"kind": what.replace(" ", "_"), "where": where, "id": uid, "detail": ""})
+
+
+def read_esd(
+    cfg: dict[str, Any], *, on_unmatched: str = "warn", notes: list[dict[str, str]] | None = None
+) -> list[dict[str, str]]:
+    """Utterances of an ESD-layout corpus: <root>/<spk>/<spk>.txt and <root>/<spk>/<Emotion>/**/<id>.wav.
+
+    Two wavs with one stem are refused (which one is the utterance is unknowable). A wav with no transcript
+    line and a line with no wav are skipped and appended to `notes` (`on_unmatched: warn`) or refused.
+    """
     root = Path(cfg["root"])
     if not root.is_dir():
         raise DataError(f"datasets: ESD root {root} is not a directory")
@@ -33,9 +51,16 @@ def read_esd(cfg: dict[str, Any]) -> list[dict[str, str]]:
         txt = root / spk / f"{spk}.txt"
         if not txt.exists():
             raise DataError(f"ESD transcript {txt} is missing (speaker {spk} from the config)")
-        wavs = {p.stem: p for p in (root / spk).rglob("*.wav")}
+        wavs: dict[str, Path] = {}
+        for p in sorted((root / spk).rglob("*.wav")):
+            if p.stem in wavs:
+                raise DataError(
+                    f"ESD utterance {p.stem} has two wav files, {wavs[p.stem]} and {p}; keep one "
+                    "(the reader cannot tell which emotion folder is right)"
+                )
+            wavs[p.stem] = p
         raw = txt.read_bytes()
-        for enc in ("utf-8", "utf-16", "gbk"):
+        for enc in ("utf-8-sig", "utf-16", "gbk"):  # -sig: a byte-order mark is not part of the first id
             try:
                 lines = raw.decode(enc).splitlines()
                 break
@@ -43,6 +68,7 @@ def read_esd(cfg: dict[str, Any]) -> list[dict[str, str]]:
                 continue
         else:
             raise DataError(f"{txt}: cannot decode transcript")
+        named: set[str] = set()
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -52,9 +78,16 @@ def read_esd(cfg: dict[str, Any]) -> list[dict[str, str]]:
             uid, text, emo = (p.strip() for p in parts)
             if emo not in emotions:
                 raise DataError(f"{txt}:{n}: emotion {emo!r} not in datasets.*.emotions {sorted(emotions)}")
+            named.add(uid)
             if uid not in wavs:
-                raise DataError(f"{txt}:{n}: no wav file for utterance {uid} under {root / spk}")
-            rows.append({"key": uid, "wav": str(wavs[uid]), "speaker": spk, "emotion": emotions[emo], "text": text})
+                _unmatched("transcript without wav", f"{txt}:{n}", uid, on_unmatched, notes)
+                continue
+            rows.append(
+                {"key": uid, "wav": str(wavs[uid]), "speaker": spk, "emotion": emotions[emo], "text": text,
+                 "source": f"{txt}:{n}"}
+            )
+        for uid in sorted(set(wavs) - named):
+            _unmatched("wav without transcript", str(wavs[uid]), uid, on_unmatched, notes)
         limit = cfg.get("max_utterances_per_emotion")
         if limit:
             kept, seen = [], {}
@@ -70,8 +103,11 @@ def read_esd(cfg: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def read_emobox(cfg: dict[str, Any]) -> list[dict[str, str]]:
-    """EmoBox-style jsonl manifests (`key, wav, emo, ...`): one for identification, one for evaluation."""
+def read_emobox(cfg: dict[str, Any], **_: Any) -> list[dict[str, str]]:
+    """EmoBox-style jsonl manifests (`key, wav, emo, ...`): one for identification, one for evaluation.
+
+    A line whose wav is missing reaches `check_audio` and is reported there as bad audio.
+    """
     label_map: dict[str, str] = cfg["emotions"]
     rows = []
     for split, key in (("ident", "ident_manifest"), ("eval", "eval_manifest")):
@@ -100,6 +136,7 @@ def read_emobox(cfg: dict[str, Any]) -> list[dict[str, str]]:
                     "emotion": label_map[d["emo"]],
                     "text": d.get("text", ""),
                     "split": split,
+                    "source": f"{path}:{n}",
                 }
             )
     return rows
@@ -108,10 +145,20 @@ def read_emobox(cfg: dict[str, Any]) -> list[dict[str, str]]:
 READERS = {"esd": read_esd, "emobox": read_emobox}
 
 
-def read_dataset(cfg: dict[str, Any]) -> list[dict[str, str]]:
-    rows = READERS[cfg["format"]](cfg)
+def read_dataset(
+    cfg: dict[str, Any], *, on_unmatched: str = "warn", notes: list[dict[str, str]] | None = None
+) -> list[dict[str, str]]:
+    """Rows of the configured corpus; an utterance id given twice is refused naming both lines."""
+    rows = READERS[cfg["format"]](cfg, on_unmatched=on_unmatched, notes=notes)
     if not rows:
         raise DataError(f"dataset at {cfg.get('root') or cfg.get('ident_manifest')} has no utterances")
+    first: dict[str, str] = {}
+    for r in rows:
+        if r["key"] in first:
+            raise DataError(
+                f"utterance id {r['key']!r} appears twice: {first[r['key']]} and {r['source']}; ids must be unique"
+            )
+        first[r["key"]] = r["source"]
     return rows
 
 
@@ -158,21 +205,89 @@ def shard_of(instance_id: str, n_shards: int) -> int:
     return int(hashlib.sha1(instance_id.encode()).hexdigest(), 16) % n_shards
 
 
-def check_audio(instances: list[Instance], dcfg: dict[str, Any]) -> tuple[list[Instance], list[dict[str, str]]]:
-    """Open every distinct wav once; bad ones are reported and skipped (or fatal, per data.on_bad_audio)."""
-    bad: dict[str, str] = {}
+def check_audio(
+    instances: list[Instance],
+    dcfg: dict[str, Any],
+    *,
+    max_seconds: float | None = None,
+    notes: list[dict[str, str]] | None = None,
+) -> tuple[list[Instance], list[dict[str, str]]]:
+    """Open every distinct wav once; bad ones are reported and skipped (or fatal, per data.on_bad_audio).
+
+    Audio longer than `max_seconds` (the model's input window) follows data.on_too_long instead; clipped
+    audio (a share of full-scale samples above data.clip_warn_fraction) is kept, warned about and noted.
+    """
+    from .io import read_checked
+
+    bad: dict[str, tuple[str, str]] = {}
+    clip_warn = dcfg.get("clip_warn_fraction", 0.001)
     for wav in sorted({i.wav for i in instances}):
         try:
-            load_audio(
-                wav, 16000, expected_sr=dcfg.get("expected_sample_rate"), min_seconds=float(dcfg.get("min_seconds", 0.1))
+            _, _, chk = read_checked(
+                wav, expected_sr=dcfg.get("expected_sample_rate"), min_seconds=float(dcfg.get("min_seconds", 0.1)),
+                max_seconds=max_seconds,
             )
+        except TooLongAudio as e:
+            if dcfg.get("on_too_long", "skip") == "error":
+                raise DataError(f"{e}; set data.on_too_long: skip to skip such files") from None
+            log.warning("skipping audio longer than the model's input window: %s", e)
+            bad[wav] = ("too_long", str(e))
+            continue
         except AudioError as e:
             if dcfg.get("on_bad_audio", "skip") == "error":
                 raise
             log.warning("skipping bad audio: %s", e)
-            bad[wav] = str(e)
+            bad[wav] = ("bad_audio", str(e))
+            continue
+        if clip_warn is not None and chk.clipped_fraction > float(clip_warn):
+            detail = f"{chk.clipped_fraction:.2%} of samples clipped (data.clip_warn_fraction {float(clip_warn):g})"
+            log.warning("clipped audio (kept): %s: %s", wav, detail)
+            if notes is not None:
+                notes.append({"kind": "clipped", "where": wav, "id": "", "detail": detail})
     kept = [i for i in instances if i.wav not in bad]
-    return kept, [{"wav": w, "error": m} for w, m in sorted(bad.items())]
+    return kept, [{"wav": w, "error": m, "kind": k} for w, (k, m) in sorted(bad.items())]
+
+
+BAD_COLUMNS = ["wav", "error", "kind"]  # kind: bad_audio | too_long
+NOTE_COLUMNS = ["kind", "where", "id", "detail"]  # kind: wav_without_transcript | transcript_without_wav | clipped
+
+
+def issue_counts(bad_audio: str | Path, notes: str | Path | None = None) -> dict[str, int]:
+    """Counts for the console and the report: skipped files (too long apart) and notes by kind."""
+    from .io import read_table
+
+    bad = read_table(bad_audio)
+    too_long = int((bad["kind"] == "too_long").sum()) if "kind" in bad else 0
+    out = {"bad_audio": len(bad) - too_long, "too_long": too_long}
+    if notes is not None and Path(notes).exists():
+        n = read_table(notes)
+        for kind in ("wav_without_transcript", "transcript_without_wav", "clipped"):
+            out[kind] = int((n["kind"] == kind).sum()) if "kind" in n else 0
+    return out
+
+
+def issue_summary(tables: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per task from its [bad_audio.tsv, warnings.tsv] (missing tables are left out)."""
+    rows = []
+    for task, paths in tables.items():
+        if Path(paths[0]).exists():
+            rows.append({"task": task, **issue_counts(*paths), "tables": " ".join(map(str, paths))})
+    return pd.DataFrame(rows)
+
+
+def issue_message(tables: dict[str, list[str]]) -> str:
+    """End-of-run console lines: per task, how many files were skipped and how many warnings were noted."""
+    df = issue_summary(tables)
+    lines = []
+    for r in df.to_dict("records"):
+        skipped = r["bad_audio"] + r["too_long"]
+        unmatched = r.get("wav_without_transcript", 0) + r.get("transcript_without_wav", 0)
+        lines.append(
+            f"emotion-neurons {r['task']}: {skipped} audio file(s) skipped ({r['bad_audio']} bad, {r['too_long']} "
+            f"longer than the model's input window), {unmatched} wav/transcript line(s) without a partner skipped, "
+            f"{r.get('clipped', 0)} clipped file(s) kept; see {r['tables']}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,20 +297,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", required=True, help="JSON with task, task config, dataset config, data config")
     ap.add_argument("--out", required=True)
     ap.add_argument("--bad", required=True, help="TSV of skipped utterances")
+    ap.add_argument("--warnings", default=None, help="TSV of unmatched wavs/lines and clipped audio")
     a = ap.parse_args(argv)
     p = load_params(a.params)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    rows = read_dataset(p["dataset"])
+    notes: list[dict[str, str]] = []
+    rows = read_dataset(p["dataset"], on_unmatched=p["data"].get("on_unmatched", "warn"), notes=notes)
     inst = build_instances(p["task"], p["task_cfg"], rows)
-    inst, bad = check_audio(inst, p["data"])
+    inst, bad = check_audio(inst, p["data"], max_seconds=p.get("max_audio_seconds"), notes=notes)
     if not inst:
         raise DataError("every utterance was rejected; see the bad-audio table")
-    import pandas as pd
-
-    write_table(a.bad, pd.DataFrame(bad, columns=["wav", "error"]))
+    write_table(a.bad, pd.DataFrame(bad, columns=BAD_COLUMNS))
+    if a.warnings:
+        write_table(a.warnings, pd.DataFrame(notes, columns=NOTE_COLUMNS))
     write_jsonl(a.out, [i.to_dict() for i in inst])
     n_id = sum(i.split == "ident" for i in inst)
-    log.info("%d instances (%d identification, %d evaluation), %d bad files", len(inst), n_id, len(inst) - n_id, len(bad))
+    log.info(
+        "%d instances (%d identification, %d evaluation), %d bad files skipped, %d warnings",
+        len(inst), n_id, len(inst) - n_id, len(bad), len(notes),
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,17 @@ def load_shard(
     return kept, table
 
 
+def wav_name(instance_id: str) -> str:
+    """Output wav file name of an instance: readable, visible and unique.
+
+    The stem keeps the id's letters, digits, '_', '-' and '.' (others become '_', leading dots too, so no name
+    is hidden) and ends with 10 hex digits of the id's SHA-1, so `a/b` and `a_b` never share a file.
+    """
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", instance_id.replace("->", "-"))[:80]
+    stem = re.sub(r"^\.+", lambda m: "_" * len(m.group()), stem)
+    return f"{stem}-{hashlib.sha1(instance_id.encode()).hexdigest()[:10]}.wav"
+
+
 def settings_from(task: str, tcfg: dict[str, Any], model_cfg: dict[str, Any]) -> GenerationSettings:
     return GenerationSettings(
         max_new_tokens=int(tcfg["max_new_tokens"]),
@@ -165,13 +177,18 @@ def run(
     for inst in instances:
         try:
             if inst.wav not in audios:
-                audios[inst.wav] = load_audio(inst.wav, adapter.input_sample_rate)
+                audios[inst.wav] = load_audio(
+                    inst.wav, adapter.input_sample_rate, max_seconds=getattr(adapter, "max_audio_seconds", None)
+                )
             good.append(inst)
         except AudioError as e:
             if on_bad_audio == "error":
                 raise
             log.warning("skipping %s: %s", inst.id, e)
             rows.append({**inst.to_dict(), "status": f"bad_audio: {e}"})
+    if rows:
+        log.warning("%d of %d instances skipped for bad audio (status bad_audio in %s)", len(rows), len(instances),
+                    Path(out_table).name)
 
     writer = None
     if stats_out is not None:
@@ -214,7 +231,7 @@ def run(
                 for inst, out in zip(batch, outs, strict=True):
                     wav_path = ""
                     if out.wav is not None and wav_dir is not None:
-                        target = wav_dir / (inst.id.replace("/", "_").replace(">", "") + ".wav")
+                        target = wav_dir / wav_name(inst.id)
                         write_wav(target, out.wav, out.sample_rate)
                         # relative to the table's folder, so the shard folder can be renamed into place
                         wav_path = str(target.relative_to(Path(out_table).parent))
@@ -320,4 +337,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .retry import run_stage
+
+    sys.exit(run_stage(main))

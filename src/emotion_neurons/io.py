@@ -10,9 +10,12 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ def _umask() -> int:
 
 
 class AudioError(ValueError):
-    """An utterance that cannot be used (missing, unreadable, empty, silent, bad rate)."""
+    """An utterance that cannot be used (missing, unreadable, truncated, empty, silent, bad rate, too long)."""
 
 
 @contextlib.contextmanager
@@ -117,17 +120,60 @@ def write_wav(path: str | os.PathLike, wav: np.ndarray, sr: int) -> None:
         sf.write(tmp, np.asarray(wav, dtype=np.float32), sr, format="WAV", subtype="PCM_16")
 
 
-def load_audio(
+#: a sample at or above this magnitude (about -0.01 dBFS) counts as clipped
+CLIP_LEVEL = 0.999
+
+
+class TooLongAudio(AudioError):
+    """Audio longer than the model's input window (it would be cut); handled by `data.on_too_long`."""
+
+
+@dataclass(frozen=True)
+class AudioCheck:
+    """What validation learnt about a file besides its samples."""
+
+    seconds: float
+    sample_rate: int
+    clipped_fraction: float  # share of samples at full scale (|x| >= CLIP_LEVEL), any channel
+
+
+def wav_truncation(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(bytes the RIFF `data` chunk header promises, bytes the file holds) when a WAV file is cut short.
+
+    libsndfile silently reads what is there, so a copy interrupted mid-way looks like a shorter utterance.
+    None for non-RIFF files, complete files and streaming placeholders (size 0 or 0xFFFFFFFF).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            cid, n = struct.unpack("<4sI", f.read(8))
+            if cid == b"data":
+                if n in (0, 0xFFFFFFFF):
+                    return None
+                have = size - pos - 8
+                return (n, have) if n > have else None
+            pos += 8 + n + (n & 1)
+    return None
+
+
+def read_checked(
     path: str | os.PathLike,
-    target_sr: int,
     *,
     expected_sr: int | None = None,
     min_seconds: float = 0.1,
     silence_db: float = -60.0,
-) -> np.ndarray:
-    """Read mono float32 audio resampled to `target_sr`; raise AudioError naming the file on any problem.
+    max_seconds: float | None = None,
+) -> tuple[np.ndarray, int, AudioCheck]:
+    """Mono float32 samples at the file's rate, its rate and an `AudioCheck`; AudioError names the file.
 
-    `expected_sr` (when set) rejects files at another rate instead of resampling them silently.
+    Refused: missing, unreadable, truncated (header promises more than the file holds), another rate than
+    `expected_sr`, shorter than `min_seconds`, NaN/inf, silent, and (TooLongAudio) longer than `max_seconds`.
     """
     import soundfile as sf
 
@@ -135,19 +181,61 @@ def load_audio(
     if not path.exists():
         raise AudioError(f"{path}: file does not exist")
     try:
+        info = sf.info(path)
         wav, sr = sf.read(path, dtype="float32", always_2d=True)
+        cut = wav_truncation(path)
     except Exception as e:  # soundfile raises several types for corrupt input
         raise AudioError(f"{path}: unreadable audio ({e})") from None
+    if cut is not None:
+        block = max(1, info.channels * _bytes_per_sample(info.subtype))
+        raise AudioError(
+            f"{path}: truncated (header promises {cut[0] // block} frames, the file holds {cut[1] // block})"
+        )
+    if 0 < wav.shape[0] < info.frames:
+        raise AudioError(f"{path}: truncated (header promises {info.frames} frames, {wav.shape[0]} could be read)")
     if expected_sr is not None and sr != expected_sr:
         raise AudioError(f"{path}: sample rate {sr} Hz, expected {expected_sr} Hz")
-    wav = wav.mean(axis=1)
-    if wav.size < max(1, int(min_seconds * sr)):
-        raise AudioError(f"{path}: too short ({wav.size / max(sr, 1):.3f} s < {min_seconds} s)")
+    seconds = wav.shape[0] / max(sr, 1)
+    if wav.shape[0] < max(1, int(min_seconds * sr)):
+        raise AudioError(f"{path}: too short ({seconds:.3f} s < {min_seconds} s)")
     if not np.all(np.isfinite(wav)):
         raise AudioError(f"{path}: contains NaN or infinite samples")
+    if max_seconds is not None and seconds > max_seconds:
+        raise TooLongAudio(
+            f"{path}: too long ({seconds:.2f} s > the model's {max_seconds:g} s input window; it would be cut)"
+        )
+    clipped = float(np.mean(np.abs(wav) >= CLIP_LEVEL)) if wav.size else 0.0
+    wav = wav.mean(axis=1)
     rms = float(np.sqrt(np.mean(wav.astype(np.float64) ** 2)))
     if rms == 0.0 or 20 * np.log10(rms) < silence_db:
         raise AudioError(f"{path}: silent (RMS below {silence_db} dBFS)")
+    return wav, sr, AudioCheck(seconds, sr, clipped)
+
+
+def _bytes_per_sample(subtype: str) -> int:
+    m = re.search(r"(\d+)$", subtype)
+    if m:
+        return max(1, int(m.group(1)) // 8)
+    return {"FLOAT": 4, "DOUBLE": 8, "ULAW": 1, "ALAW": 1}.get(subtype, 2)
+
+
+def load_audio(
+    path: str | os.PathLike,
+    target_sr: int,
+    *,
+    expected_sr: int | None = None,
+    min_seconds: float = 0.1,
+    silence_db: float = -60.0,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Read mono float32 audio resampled to `target_sr`; raise AudioError naming the file on any problem.
+
+    `expected_sr` (when set) rejects files at another rate instead of resampling them silently;
+    `max_seconds` (the model's input window) rejects files the model would cut (TooLongAudio).
+    """
+    wav, sr, _ = read_checked(
+        path, expected_sr=expected_sr, min_seconds=min_seconds, silence_db=silence_db, max_seconds=max_seconds
+    )
     if sr != target_sr:
         wav = resample(wav, sr, target_sr)
     return wav.astype(np.float32)

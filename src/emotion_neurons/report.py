@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import load_params  # noqa: E402
+from .data import issue_summary  # noqa: E402
 from .io import read_table, write_text  # noqa: E402
 from .selectors import layer_distribution, load_mask  # noqa: E402
 
@@ -103,6 +104,7 @@ def build(params: dict[str, Any]) -> str:
         "</style></head><body>",
         f"<h1>{title}</h1><p>model <code>{html.escape(str(params.get('model')))}</code>, run <code>{run}</code></p>",
     ]
+    parts.append("<h3>Input skipped or warned about (stage 0)</h3>" + _table(issue_summary(params.get("data_tables", {}))))
     for task in params["tasks"]:
         tdir = run / task
         parts.append(f"<h2>{task.upper()}</h2><h3>Identification instances kept (stage 2)</h3>")

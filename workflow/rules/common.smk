@@ -12,7 +12,10 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from emotion_neurons import conditions as _cond  # noqa: E402
 from emotion_neurons import judge as _judge  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
+from emotion_neurons.retry import SHELL_GUARD, SHELL_RECORD  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
+    adapter_input_window,
+    check_run_name,
     code_version,
     dumps,
     stage1_identity,
@@ -30,7 +33,7 @@ if config.get("aggregate") == {}:  # an empty leftover section of older configs
     del config["aggregate"]
 validate(config, schema="../schemas/config.schema.yaml")
 
-RUN = f"results/{config['run_name']}"
+RUN = f"results/{check_run_name(config['run_name'])}"
 # mask file names: a selector's `<selector>-r<r>`, a random control's `random-<selector>-r<r>-s<seed>`
 SELECTOR_MASK = r"[a-z]+-r[0-9.e-]+"
 
@@ -142,6 +145,16 @@ def judge_params(task, cond=None):
 @functools.cache
 def _judge_params(task, cond_json):
     return dumps(_judge.params(config, task, json.loads(cond_json)))
+
+
+def attempt(wildcards, attempt):
+    """The job's attempt number as a resource, for SHELL_GUARD (params would re-run jobs when it changes)."""
+    return attempt
+
+
+def prepared_tables(task):
+    """Stage 0's tables of skipped audio and warnings for `task`."""
+    return [f"{stage1_dir(task)}/bad_audio.tsv", f"{stage1_dir(task)}/warnings.tsv"]
 
 
 def mem_mb(base):

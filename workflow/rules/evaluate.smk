@@ -70,15 +70,16 @@ rule evaluate:
         mem_mb=mem_mb(32000),
         runtime=240,
         gpu_job=1,
+        attempt=attempt,
         batch_size=config["model"].get("batch_size", 1),
     params:
         p=eval_params,
         n=n_eval_shards(),
         mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
+        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
         "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
-        "--out {output} > {log} 2>&1"
+        "--out {output} > {log} 2>&1" + SHELL_RECORD
 
 
 rule judge_eval:
@@ -97,13 +98,14 @@ rule judge_eval:
         mem_mb=mem_mb(16000),
         runtime=120,
         gpu_job=1,
+        attempt=attempt,
     params:
         p=lambda wc: judge_params(
             wc.task,
             {k: v for k, v in condition(wc.task, wc.condition).items() if k != "mask"},
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1" + SHELL_RECORD
 
 
 rule metrics:
@@ -145,6 +147,7 @@ rule report:
             for t in TASKS
             for m in _cond.masks(config["select"])
         ],
+        data=[f for t in TASKS for f in prepared_tables(t)],
     output:
         f"{RUN}/report.html",
     log:
@@ -160,6 +163,7 @@ rule report:
                 "run": RUN,
                 "report": config.get("report", {}),
                 "model": config["model"]["id"],
+                "data_tables": {t: prepared_tables(t) for t in TASKS},
                 "code": code_version("report"),
             }
         ),

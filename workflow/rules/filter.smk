@@ -17,10 +17,11 @@ rule judge_ident:
         mem_mb=mem_mb(16000),
         runtime=120,
         gpu_job=1,
+        attempt=attempt,
     params:
         p=lambda wc: judge_params(wc.task),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1" + SHELL_RECORD
 
 
 rule filter:

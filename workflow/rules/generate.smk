@@ -5,6 +5,7 @@ rule prepare:
     output:
         manifest=f"{CACHE}/{{key}}/instances.jsonl",
         bad=f"{CACHE}/{{key}}/bad_audio.tsv",
+        warnings=f"{CACHE}/{{key}}/warnings.tsv",
     log:
         f"{CACHE}/{{key}}/logs/prepare.log",
     benchmark:
@@ -18,11 +19,13 @@ rule prepare:
                 "task_cfg": stage1_task_cfg(config, KEY2TASK[wc.key]),
                 "dataset": task_dataset(config, KEY2TASK[wc.key]),
                 "data": config["data"],
+                "max_audio_seconds": adapter_input_window(config["model"]["adapter"]),
                 "code": code_version("prepare"),
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.data --params {params.p:q} --out {output.manifest} --bad {output.bad} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.data --params {params.p:q} --out {output.manifest} --bad {output.bad} "
+        "--warnings {output.warnings} > {log} 2>&1"
 
 
 rule generate:
@@ -41,9 +44,10 @@ rule generate:
         mem_mb=mem_mb(32000),
         runtime=240,
         gpu_job=1,
+        attempt=attempt,
         batch_size=config["model"].get("batch_size", 1),
     params:
         p=lambda wc: stage1_params(KEY2TASK[wc.key]),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
-        "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1"
+        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
+        "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1" + SHELL_RECORD

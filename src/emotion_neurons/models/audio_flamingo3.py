@@ -53,6 +53,7 @@ class AudioFlamingo3Adapter(ModelAdapter):
         "thinker": r"^(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\.mlp$",
     }
     supports_batching = True
+    max_audio_seconds = 600  # AudioFlamingo3Processor max_audio_len (it truncates longer audio)
 
     def __init__(self) -> None:
         super().__init__()

@@ -62,6 +62,10 @@ class ModelAdapter(ABC):
     components: dict[str, str] = {}
     #: whether left-padded batched generation is supported
     supports_batching: bool = True
+    #: longest audio (seconds) the model takes in whole; longer input would be cut, so preparation skips or
+    #: refuses it (`data.on_too_long`). None = no known limit. A plain literal: the Snakefile reads it without
+    #: importing torch (`config.adapter_input_window`).
+    max_audio_seconds: float | None = None
 
     def __init__(self) -> None:
         self.model: torch.nn.Module | None = None

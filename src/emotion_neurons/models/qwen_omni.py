@@ -162,6 +162,7 @@ class QwenOmniAdapter(ModelAdapter):
         "talker": r"^talker\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\.mlp$",
     }
     supports_batching = True
+    max_audio_seconds = 30  # WhisperFeatureExtractor n_samples (padding="max_length" cuts the rest)
     system_prompt = QWEN_OMNI_SYSTEM_PROMPT
     chat_template = QWEN_OMNI_CHAT_TEMPLATE
 
