@@ -44,6 +44,9 @@ OUTPUT_SAMPLE_RATE = 24000
 DEFAULT_SPEAKER = "Chelsie"
 #: `Qwen2_5OmniForConditionalGeneration.generate`'s default talker budget
 TALKER_MAX_NEW_TOKENS = 4096
+#: thinker KV cache kinds (`model.cache_implementation`) and decode-step compilation (`model.compile`)
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+COMPILE_MODES = ("off", "cudagraphs", "inductor")
 
 
 def num_audio_tokens(feature_lengths: torch.Tensor) -> torch.Tensor:
@@ -103,6 +106,51 @@ class QwenOmniAdapter(ModelAdapter):
         self._stop_ids: list[int] = []
         self._pad_id: int | None = None
         self.model_id: str = ""
+        self.cache_implementation = "dynamic"
+        self.compile: Any = "off"
+
+    def set_decoding(self, cache_implementation: str = "dynamic", compile: Any = "off") -> None:
+        """Thinker decoding fast path (`model.cache_implementation`, `model.compile`).
+
+        `static` pre-allocates the KV cache (transformers `StaticCache`), which makes the decode step shape-stable;
+        `compile` then compiles it: `cudagraphs` replays the eager kernels as one CUDA graph per step (same
+        arithmetic as eager, seconds to capture), `inductor` fuses kernels too (mode reduce-overhead, tens of
+        seconds to compile). The capture and intervention hooks run inside the compiled step. A
+        `transformers.CompileConfig` may be given instead of a name (tests).
+        """
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.cache_implementation {cache_implementation!r} unknown; expected one of {CACHE_IMPLEMENTATIONS}"
+            )
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"model.compile {compile!r} unknown; expected one of {COMPILE_MODES}")
+        if compile != "off" and cache_implementation != "static":
+            raise ValueError(
+                f"model.compile {compile!r} needs model.cache_implementation: static (a dynamic cache changes shape "
+                "every step)"
+            )
+        self.cache_implementation = cache_implementation
+        self.compile = compile
+
+    def _decoding_kwargs(self) -> dict[str, Any]:
+        """`thinker_*` generate kwargs of the decoding fast path (empty for the default dynamic cache)."""
+        if self.cache_implementation == "dynamic":
+            return {}
+        kw: dict[str, Any] = {"thinker_cache_implementation": self.cache_implementation}
+        if isinstance(self.compile, str):
+            if self.compile == "off":
+                kw["thinker_disable_compile"] = True
+                return kw
+            from transformers import CompileConfig
+
+            if self.compile == "cudagraphs":
+                cfg = CompileConfig(fullgraph=False, dynamic=False, backend="cudagraphs", mode=None)
+            else:
+                cfg = CompileConfig(fullgraph=False, dynamic=False, backend="inductor", mode="reduce-overhead")
+        else:
+            cfg = self.compile
+        kw["thinker_compile_config"] = cfg
+        return kw
 
     # -- loading -------------------------------------------------------------------------------------------
     def load(
@@ -251,6 +299,7 @@ class QwenOmniAdapter(ModelAdapter):
         )
         if settings.do_sample and settings.temperature > 0:
             kw["thinker_temperature"] = float(settings.temperature)
+        kw.update(self._decoding_kwargs())
         kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
         speaker = self.resolve_speaker(settings.speaker)
 
