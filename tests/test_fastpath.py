@@ -90,7 +90,7 @@ def test_static_cache_same_text_and_statistics(qwen):
         qwen.set_decoding("dynamic", "off")
         text_d, n_d, stats_d = _run(qwen)
         qwen.set_decoding("static", "off")
-        assert qwen._decoding_kwargs()["thinker_cache_implementation"] == "static"
+        assert type(qwen._decoding_kwargs(2, 40)["thinker_past_key_values"]).__name__ == "StaticCache"
         text_s, n_s, stats_s = _run(qwen)
     finally:
         qwen.set_decoding("dynamic", "off")

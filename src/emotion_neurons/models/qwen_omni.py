@@ -108,6 +108,7 @@ class QwenOmniAdapter(ModelAdapter):
         self.model_id: str = ""
         self.cache_implementation = "dynamic"
         self.compile: Any = "off"
+        self._caches: dict[int, tuple[int, Any]] = {}  # batch size -> (max length, StaticCache), reused
 
     def set_decoding(self, cache_implementation: str = "dynamic", compile: Any = "off") -> None:
         """Thinker decoding fast path (`model.cache_implementation`, `model.compile`).
@@ -132,11 +133,26 @@ class QwenOmniAdapter(ModelAdapter):
         self.cache_implementation = cache_implementation
         self.compile = compile
 
-    def _decoding_kwargs(self) -> dict[str, Any]:
+    def _static_cache(self, batch: int, needed: int) -> Any:
+        """One `StaticCache` per batch size, reset and reused while long enough (lengths rounded up to 256), so
+        the compiled / CUDA-graph decode step sees the same buffers batch after batch (no re-capture)."""
+        from transformers import StaticCache
+
+        length, cache = self._caches.get(batch, (0, None))
+        if cache is None or length < needed:
+            length = -(-needed // 256) * 256
+            config = self._require().thinker.config.get_text_config(decoder=True)
+            cache = StaticCache(config=config, max_cache_len=length)
+            self._caches[batch] = (length, cache)
+        else:
+            cache.reset()
+        return cache
+
+    def _decoding_kwargs(self, batch: int = 1, needed: int = 0) -> dict[str, Any]:
         """`thinker_*` generate kwargs of the decoding fast path (empty for the default dynamic cache)."""
         if self.cache_implementation == "dynamic":
             return {}
-        kw: dict[str, Any] = {"thinker_cache_implementation": self.cache_implementation}
+        kw: dict[str, Any] = {"thinker_past_key_values": self._static_cache(batch, needed)}
         if isinstance(self.compile, str):
             if self.compile == "off":
                 kw["thinker_disable_compile"] = True
@@ -299,7 +315,7 @@ class QwenOmniAdapter(ModelAdapter):
         )
         if settings.do_sample and settings.temperature > 0:
             kw["thinker_temperature"] = float(settings.temperature)
-        kw.update(self._decoding_kwargs())
+        kw.update(self._decoding_kwargs(int(inputs["input_ids"].shape[0]), prompt_len + int(settings.max_new_tokens)))
         kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
         speaker = self.resolve_speaker(settings.speaker)
 
