@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 from harness import (  # noqa: E402 - bench/ is on sys.path when run as a script
+    Hooks,
     IdRecorder,
     af3_config,
     build_random,
@@ -89,7 +90,6 @@ from harness import (  # noqa: E402 - bench/ is on sys.path when run as a script
 )
 
 from emotion_neurons import SPANS
-from emotion_neurons.hooks import Intervention, InterventionSpec, SpanTracker, StatsRecorder
 from emotion_neurons.types import GenerationSettings, Instance
 
 MODES = ("plain", "capture", "steer", "steer0")
@@ -124,38 +124,6 @@ def repro_setting(name: str, caught: list[str]):
             yield
 
 
-class Hooks:
-    """The hook set of one mode: none (plain), tracker + recorder (capture), tracker + steer (steer, steer0)."""
-
-    def __init__(self, adapter: Any, mode: str, masks: torch.Tensor) -> None:
-        self.adapter, self.mode, self.masks = adapter, mode, masks
-        self.sites = adapter.resolve_sites("thinker", "gate")
-        self.tracker = SpanTracker(adapter.component_stop_token_ids("thinker"))
-        self.root = adapter.decoder_root("thinker")
-        self.iv: Intervention | None = None
-        self.rec: StatsRecorder | None = None
-
-    @contextlib.contextmanager
-    def attached(self):
-        with contextlib.ExitStack() as stack:
-            if self.mode != "plain":
-                stack.enter_context(self.tracker.attached(self.root))
-            if self.mode in ("steer", "steer0"):
-                alpha = 1.0 if self.mode == "steer" else 0.0
-                spec = InterventionSpec("steer", alpha=alpha, positions="all")
-                self.iv = stack.enter_context(Intervention(self.sites, self.tracker, spec).attached())
-            if self.mode == "capture":
-                self.rec = stack.enter_context(StatsRecorder(self.sites, self.tracker).attached())
-            yield self
-
-    def arm(self, prepared: Any) -> None:
-        """Per batch, as `emotion_neurons.generate.run` does before `adapter.generate`."""
-        self.tracker.start(self.adapter.prefill_span_codes("thinker", prepared))
-        n = int(prepared.inputs["input_ids"].shape[0])
-        if self.rec is not None:
-            self.rec.reset(n)
-        if self.iv is not None:
-            self.iv.set_masks(self.masks.unsqueeze(0).expand(n, -1, -1))
 
 
 def run_mode(

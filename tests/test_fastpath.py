@@ -214,7 +214,8 @@ def test_recorder_reuses_its_buffers(toy):
             prepared = toy.prepare(*TOY_BATCH)
             tracker.start(prepared.span_codes)
             rec.reset(2)
-            toy.generate(prepared, SETTINGS)
+            with torch.inference_mode():  # as generate.run calls it
+                toy.generate(prepared, SETTINGS)
             results.append(rec.result())
             ptrs.append(
                 (

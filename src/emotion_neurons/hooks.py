@@ -79,8 +79,9 @@ class SpanTracker:
             self._alive = _static(torch.ones(b, dtype=torch.bool, device=dev))
             self._step_codes = _static(torch.full((b, 1), GENERATED, dtype=torch.long, device=dev))
         else:
-            self._alive.fill_(True)
-            self._step_codes.fill_(GENERATED)
+            with torch.inference_mode():  # see StatsRecorder.reset
+                self._alive.fill_(True)
+                self._step_codes.fill_(GENERATED)
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = first_tensor_arg(args, kwargs, "input_ids")
@@ -154,10 +155,11 @@ class StatsRecorder:
             self.sq.clear()
             self.tokens = None
             return
-        for acc in (self.pos, self.sum, self.sq):
-            for t in acc.values():
-                t.zero_()
-        self.tokens.zero_()
+        with torch.inference_mode():  # the buffers may have been made under the caller's inference mode
+            for acc in (self.pos, self.sum, self.sq):
+                for t in acc.values():
+                    t.zero_()
+            self.tokens.zero_()
 
     def _buffers(self, layer: int, g: torch.Tensor) -> None:
         """Allocate (prefill, eager) the accumulators of `layer` on the site's device."""
