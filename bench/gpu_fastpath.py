@@ -57,6 +57,12 @@ MODES = ("plain", "capture", "steer", "steer0")
 DECODINGS = {"eager": ("dynamic", "off"), "static": ("static", "off"), "graph": ("static", "cudagraphs"),
              "inductor": ("static", "inductor")}  # fmt: skip
 KEEP_LOGITS = 4
+SAVE: list = []  # callbacks that write the partial result (set by main)
+
+
+def save() -> None:
+    for fn in SAVE:
+        fn()
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
@@ -207,9 +213,11 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
             sub = insts[: args.n_per_bs.get(bs, bs)]
             aud = audios[: len(sub)]
             t0 = time.perf_counter()
-            cell: dict[str, list] = {m: [] for m in MODES}
-            for rnd in range(args.rounds):
-                for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+            modes = ("plain",) if dec in args.plain_only else MODES
+            rounds = 1 if dec in args.plain_only else args.rounds
+            cell: dict[str, list] = {m: [] for m in modes}
+            for rnd in range(rounds):
+                for mode in modes if rnd % 2 == 0 else modes[::-1]:
                     r = run_batches(adapter, Hooks(adapter, mode, masks), sub, aud, bs, st, ids, device,
                                     warmup=rnd == 0)  # fmt: skip
                     cell[mode].append(r)
@@ -217,12 +225,12 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
             plain = cell["plain"]
             s_plain = float(np.mean([r["seconds_per_instance"] for r in plain]))
             row = {
-                "decoding": dec, "batch_size": bs, "n": len(sub), "rounds": args.rounds,
+                "decoding": dec, "batch_size": bs, "n": len(sub), "rounds": rounds,
                 "plain_s_per_instance": round(s_plain, 4),
-                "peak_gib": {m: max(r["peak_gib"] or 0 for r in cell[m]) for m in MODES},
+                "peak_gib": {m: max(r["peak_gib"] or 0 for r in cell[m]) for m in modes},
                 "plain_rows_equal_across_rounds": [equal_rows(r, plain[0]) for r in plain],
             }  # fmt: skip
-            for m in MODES[1:]:
+            for m in modes[1:]:
                 s = float(np.mean([r["seconds_per_instance"] for r in cell[m]]))
                 row[f"{m}_ratio"] = round(s / s_plain, 4)
                 row[f"{m}_ratio_rounds"] = [
@@ -236,21 +244,24 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
             row["prefill_plus_1_s"] = round(t_one, 4)
             if floor_ms:
                 row["x_floor"] = round(row["ms_per_token"] / floor_ms, 3)
-            cap = cell["capture"][0]["rows"]
-            row["capture_tokens_example"] = cap[next(iter(cap))]["tokens"]
+            if "capture" in cell:
+                cap = cell["capture"][0]["rows"]
+                row["capture_tokens_example"] = cap[next(iter(cap))]["tokens"]
             row["seconds"] = round(time.perf_counter() - t0, 1)
             grid[f"{dec}/{bs}"] = {"row": row, "plain0": plain[0]}
             log(f"{dec} bs={bs}: {json.dumps(row)}")
     # cross-decoding comparisons against eager
     for key, v in grid.items():
         dec, bs = key.split("/")
-        ref = grid.get(f"eager/{bs}")
-        if ref is not None and dec != "eager":
-            v["row"]["rows_equal_eager"] = equal_rows(v["plain0"], ref["plain0"])
-            v["row"]["max_logit_gap_vs_eager"] = logit_gap(v["plain0"], ref["plain0"])
+        for ref_name in ("eager", "static"):
+            ref = grid.get(f"{ref_name}/{bs}")
+            if ref is not None and dec != ref_name:
+                v["row"][f"rows_equal_{ref_name}"] = equal_rows(v["plain0"], ref["plain0"])
+                v["row"][f"max_logit_gap_vs_{ref_name}"] = logit_gap(v["plain0"], ref["plain0"])
     res["grid"] = [v["row"] for v in grid.values()]
+    ordered = [d for d in args.decodings if d not in args.plain_only]
     # goal 4b: ids across batch sizes (plain, first decoding)
-    d0 = args.decodings[0]
+    d0 = ordered[0]
     b_ = [bs for bs in args.batch_sizes if f"{d0}/{bs}" in grid]
     cross = {}
     for bs in b_[1:]:
@@ -258,6 +269,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
         common = [k for k in b["rows"] if k in a["rows"]]
         cross[f"bs{b_[0]}_vs_bs{bs}"] = f"{sum(a['rows'][k]['ids'] == b['rows'][k]['ids'] for k in common)}/{len(common)}"
     res["ids_across_batch_sizes"] = cross
+    save()
     del grid
     gc.collect()
 
@@ -265,7 +277,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     det = {}
     bs = args.det_batch_size
     sub, aud = insts[: args.n_per_bs.get(bs, bs)], audios[: args.n_per_bs.get(bs, bs)]
-    for dec in args.decodings:
+    for dec in ordered:
         decoding(dec)
         runs = {}
         for setting in ("cudnn_on", "cudnn_off", "cudnn_on", "cudnn_off"):
@@ -285,6 +297,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
         }  # fmt: skip
         log(f"deterministic {dec}: {json.dumps(det[dec])}")
     res["deterministic"] = det
+    save()
 
     # -- goal 3: speech ----------------------------------------------------------------------------------------
     sp_rows: list[dict[str, Any]] = []
@@ -319,6 +332,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
                     "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
                 }  # fmt: skip
                 sp_rows.append(row)
+                save()
                 log(f"speech {dec} bs={bs}: {json.dumps(row)}")
         base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
         for r in sp_rows:
@@ -341,17 +355,26 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Goals 1-2 (time ratios over plain, same decoding and batch size; ids = rows equal to plain per round)",
         "",
-        "| decoding | bs | plain s/inst | ms/token | x floor | capture | steer | steer0 | steer0 ids = plain | capture ids = plain | ids = eager | max logit gap vs eager | peak GiB (plain/capture) |",
+        "| decoding | bs | plain s/inst | ms/token | x floor | capture | steer | steer0 | steer0 ids = plain | capture ids = plain | ids = eager (max logit gap) | ids = static (gap) | peak GiB (plain/capture) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result.get("grid", []):
         n = r["n"]
+        if "capture_ratio" not in r:
+            out.append(
+                f"| {r['decoding']} (plain only) | {r['batch_size']} | {r['plain_s_per_instance']:.4f} "
+                f"| {r['ms_per_token']} | {r.get('x_floor', '-')} | | | | | "
+                f"| {r.get('rows_equal_eager', '-')}/{n} ({r.get('max_logit_gap_vs_eager', '-')}) | "
+                f"| {r['peak_gib']['plain']} |"
+            )
+            continue
         out.append(
             f"| {r['decoding']} | {r['batch_size']} | {r['plain_s_per_instance']:.4f} | {r['ms_per_token']} "
             f"| {r.get('x_floor', '-')} | {r['capture_ratio']:.3f}x | {r['steer_ratio']:.3f}x | {r['steer0_ratio']:.3f}x "
             f"| {', '.join(f'{x}/{n}' for x in r['steer0_rows_equal_plain'])} "
             f"| {', '.join(f'{x}/{n}' for x in r['capture_rows_equal_plain'])} "
-            f"| {r.get('rows_equal_eager', '-')} | {r.get('max_logit_gap_vs_eager', '-')} "
+            f"| {r.get('rows_equal_eager', '-')}/{n} ({r.get('max_logit_gap_vs_eager', '-')}) "
+            f"| {r.get('rows_equal_static', '-')}/{n} ({r.get('max_logit_gap_vs_static', '-')}) "
             f"| {r['peak_gib']['plain']}/{r['peak_gib']['capture']} |"
         )
     out += ["", f"Plain ids across batch sizes: {json.dumps(result.get('ids_across_batch_sizes'))}", ""]
@@ -392,14 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--n-per-bs", type=parse_n, default=parse_n("1:4,8:16,32:32"), help="instances per batch size")
-    ap.add_argument("--decodings", nargs="+", default=["eager", "graph"], choices=sorted(DECODINGS))
+    ap.add_argument("--decodings", nargs="+", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
+    ap.add_argument(
+        "--plain-only", nargs="*", default=["static"], help="decodings timed in plain mode only (references)"
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--mask-frac", type=float, default=0.005)
     ap.add_argument("--det-batch-size", type=int, default=8)
     ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 16])
-    ap.add_argument("--speech-decodings", nargs="+", default=["eager", "graph"], choices=sorted(DECODINGS))
+    ap.add_argument("--speech-decodings", nargs="+", default=["eager", "static"], choices=sorted(DECODINGS))
     ap.add_argument("--speech-min-n", type=int, default=2)
     ap.add_argument("--speech-tokens", type=int, default=32)
     ap.add_argument("--codec-tokens", type=int, default=200)
@@ -428,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps(result["environment"]))
     t0 = time.perf_counter()
     code = 0
+
+    def write() -> None:
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (out_dir / "results.md").write_text(markdown(result))
+
+    SAVE.append(write)
     with tempfile.TemporaryDirectory(prefix="fast_") as tmp:
         try:
             bench(args, device, dtype, Path(tmp), result)

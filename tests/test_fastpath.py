@@ -143,6 +143,13 @@ def test_config_keys_reach_the_adapter(qwen, monkeypatch, tmp_path):
     assert a.calls == [("static", "cudagraphs")]
     with pytest.raises(ValueError, match="model.compile 'inductor' needs model.cache_implementation: static"):
         qwen.set_decoding("dynamic", "inductor")
+    try:  # speech output: static cache, but no compiled decode step (CUDA graphs overwrite kept hidden states)
+        qwen.set_decoding("static", "cudagraphs")
+        kw = qwen._decoding_kwargs(1, 10, speech=True)
+        assert kw["thinker_disable_compile"] is True and "thinker_compile_config" not in kw
+        assert qwen._decoding_kwargs(1, 10)["thinker_compile_config"].backend == "cudagraphs"
+    finally:
+        qwen.set_decoding("dynamic", "off")
     with pytest.raises(ValueError, match="model.cache_implementation 'paged'"):
         qwen.set_decoding("paged")
     monkeypatch.setattr(models, "get_adapter", lambda name: ToyAdapter())

@@ -236,13 +236,21 @@ class StatsRecorder:
         missing = [i for i in layers if i not in self._called]
         if missing:
             raise RuntimeError(f"layers {missing} were never called; is the model split oddly?")
+        one_device = len({self.pos[i].device for i in layers}) == 1
+
+        def stacked(acc: dict[int, torch.Tensor]) -> torch.Tensor:
+            # one device-to-host copy per statistic when every layer sits on one device
+            if one_device:
+                return torch.stack([acc[i] for i in layers], dim=2).cpu()
+            return torch.stack([acc[i].cpu() for i in layers], dim=2)
+
         out = {
-            "pos_count": torch.stack([self.pos[i].cpu() for i in layers], dim=2).round().to(torch.int32).numpy(),
-            "act_sum": torch.stack([self.sum[i].cpu() for i in layers], dim=2).numpy(),
+            "pos_count": stacked(self.pos).round().to(torch.int32).numpy(),
+            "act_sum": stacked(self.sum).numpy(),
             "tokens": self.tokens.cpu().round().to(torch.int64).numpy(),
         }
         if self.sum_squares:
-            out["act_sqsum"] = torch.stack([self.sq[i].cpu() for i in layers], dim=2).numpy()
+            out["act_sqsum"] = stacked(self.sq).numpy()
         return out
 
 

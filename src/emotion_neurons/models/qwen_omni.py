@@ -134,13 +134,14 @@ class QwenOmniAdapter(ModelAdapter):
         self.compile = compile
 
     def _static_cache(self, batch: int, needed: int) -> Any:
-        """One `StaticCache` per batch size, reset and reused while long enough (lengths rounded up to 256), so
+        """One `StaticCache` per batch size, reset and reused while long enough (at least 1024 positions), so
         the compiled / CUDA-graph decode step sees the same buffers batch after batch (no re-capture)."""
         from transformers import StaticCache
 
         length, cache = self._caches.get(batch, (0, None))
         if cache is None or length < needed:
-            length = -(-needed // 256) * 256
+            # generous first size: a prompt a little longer than the last must not re-allocate (and recompile)
+            length = max(1024, -(-needed // 512) * 512)
             config = self._require().thinker.config.get_text_config(decoder=True)
             cache = StaticCache(config=config, max_cache_len=length)
             self._caches[batch] = (length, cache)
@@ -148,13 +149,17 @@ class QwenOmniAdapter(ModelAdapter):
             cache.reset()
         return cache
 
-    def _decoding_kwargs(self, batch: int = 1, needed: int = 0) -> dict[str, Any]:
-        """`thinker_*` generate kwargs of the decoding fast path (empty for the default dynamic cache)."""
+    def _decoding_kwargs(self, batch: int = 1, needed: int = 0, speech: bool = False) -> dict[str, Any]:
+        """`thinker_*` generate kwargs of the decoding fast path (empty for the default dynamic cache).
+
+        With speech output the thinker's decode step is not compiled: transformers keeps every step's hidden
+        states for the talker, and a CUDA graph overwrites its outputs at the next replay.
+        """
         if self.cache_implementation == "dynamic":
             return {}
         kw: dict[str, Any] = {"thinker_past_key_values": self._static_cache(batch, needed)}
-        if isinstance(self.compile, str):
-            if self.compile == "off":
+        if isinstance(self.compile, str) or speech:
+            if self.compile == "off" or speech:
                 kw["thinker_disable_compile"] = True
                 return kw
             from transformers import CompileConfig
@@ -315,7 +320,8 @@ class QwenOmniAdapter(ModelAdapter):
         )
         if settings.do_sample and settings.temperature > 0:
             kw["thinker_temperature"] = float(settings.temperature)
-        kw.update(self._decoding_kwargs(int(inputs["input_ids"].shape[0]), prompt_len + int(settings.max_new_tokens)))
+        batch = int(inputs["input_ids"].shape[0])
+        kw.update(self._decoding_kwargs(batch, prompt_len + int(settings.max_new_tokens), bool(settings.want_audio)))
         kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
         speaker = self.resolve_speaker(settings.speaker)
 
