@@ -249,6 +249,8 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
                 row["capture_tokens_example"] = cap[next(iter(cap))]["tokens"]
             row["seconds"] = round(time.perf_counter() - t0, 1)
             grid[f"{dec}/{bs}"] = {"row": row, "plain0": plain[0]}
+            res["grid"] = [v["row"] for v in grid.values()]
+            save()
             log(f"{dec} bs={bs}: {json.dumps(row)}")
     # cross-decoding comparisons against eager
     for key, v in grid.items():

@@ -244,10 +244,12 @@ class StatsRecorder:
                 return torch.stack([acc[i] for i in layers], dim=2).cpu()
             return torch.stack([acc[i].cpu() for i in layers], dim=2)
 
+        # counts are exact small integers in float32: convert on the device, copy int32
+        ints = {i: t.round().to(torch.int32) for i, t in self.pos.items() if i in layers}
         out = {
-            "pos_count": stacked(self.pos).round().to(torch.int32).numpy(),
+            "pos_count": stacked(ints).numpy(),
             "act_sum": stacked(self.sum).numpy(),
-            "tokens": self.tokens.cpu().round().to(torch.int64).numpy(),
+            "tokens": self.tokens.round().to(torch.int64).cpu().numpy(),
         }
         if self.sum_squares:
             out["act_sqsum"] = stacked(self.sq).numpy()
