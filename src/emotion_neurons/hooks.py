@@ -85,9 +85,10 @@ class SpanTracker:
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = first_tensor_arg(args, kwargs, "input_ids")
-        if self._prefill is None:
-            raise RuntimeError("SpanTracker.start() was not called before the forward pass")
+        # a decode step reads neither `_prefill` nor its shape, so a compiled step is not re-specialised per prompt
         if not self._prefilled:
+            if self._prefill is None:
+                raise RuntimeError("SpanTracker.start() was not called before the forward pass")
             if ids is not None and ids.shape[-1] != self._prefill.shape[-1]:
                 raise RuntimeError(
                     f"prefill call has {ids.shape[-1]} positions but span codes have {self._prefill.shape[-1]}"
