@@ -118,6 +118,10 @@ def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen):
         graphs_first = counters["stats"]["unique_graphs"]
         text2, _, stats2 = _run(qwen, masks, spec)  # a second batch of the same size reuses the graphs
         graphs_second = counters["stats"]["unique_graphs"]
+        # other prompt lengths: the prefill is eager, the compiled decode step must not be re-specialised
+        other = ([_inst(3, "Another prompt, with a longer text than the others."), _inst(4)], BATCH[1][::-1])
+        _run(qwen, masks, spec, batch=other)
+        graphs_third = counters["stats"]["unique_graphs"]
         breaks = dict(counters["graph_break"])
     finally:
         qwen.set_decoding("dynamic", "off")
@@ -127,6 +131,7 @@ def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen):
     # one graph for the tracker's pre-hook on the thinker, one for the thinker's forward with the MLP hooks
     assert 1 <= graphs_first <= 2, f"decode step compiled into {graphs_first} graphs"
     assert graphs_second == graphs_first, "the second batch recompiled"
+    assert graphs_third == graphs_first, "a batch with other prompt lengths recompiled the decode step"
     assert not breaks
     assert text1 == ref_text == text2
     _assert_same_stats(stats1, ref)
