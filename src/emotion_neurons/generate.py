@@ -273,6 +273,16 @@ def load_adapter(model_cfg: dict[str, Any]):
         torch.backends.cuda.enable_cudnn_sdp(False)
     adapter = get_adapter(model_cfg["adapter"])
     adapter.load(model_cfg["id"], model_cfg.get("revision"), model_cfg.get("device", "auto"), model_cfg.get("dtype", "auto"))
+    cache = model_cfg.get("cache_implementation", "dynamic")
+    compile_mode = model_cfg.get("compile", "off")
+    if cache != "dynamic" or compile_mode != "off":
+        set_decoding = getattr(adapter, "set_decoding", None)
+        if set_decoding is None:
+            raise ValueError(
+                f"model.cache_implementation={cache!r} / model.compile={compile_mode!r}: adapter "
+                f"{model_cfg['adapter']!r} has no fast decoding path; use dynamic / off"
+            )
+        set_decoding(cache, compile_mode)
     return adapter
 
 

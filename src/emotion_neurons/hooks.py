@@ -6,9 +6,17 @@ Design (see METHOD.md sections 2 and 4):
   the prefill (codes given by the adapter: audio / text / padding), each later call is one decode step whose
   single position is `generated` until the row has produced a stop token. No host synchronisation happens.
 - A `StatsRecorder` adds, per layer, positive counts and activation sums per (row, span) into device
-  accumulators with one batched matmul per statistic, so nothing per-token is stored.
+  accumulators, so nothing per-token is stored: one batched matmul per statistic at the prefill, and at a
+  decode step (one position, one span) a masked add into the `generated` row, with no one-hot at all.
 - An `Intervention` edits the same site before it is used: g <- g * (1 - m) (deactivate) or
-  g <- g * (1 + alpha * m) (steer), with a per-row mask, at every position or only at generated ones.
+  g <- g * (1 + alpha * m) (steer), with a per-row mask, at every position or only at generated ones. The
+  factor is precomputed per batch as one dense row per layer, so the edit is one multiply; alpha 0 (and
+  `none`) leave the site's tensor untouched (the hook returns nothing), so the outputs are the plain ones.
+
+Fast path (static KV cache, decode step compiled or captured as a CUDA graph, `model.compile`): every decode
+step hook is pure in-place tensor work on buffers that keep their address across batches of one size (span
+state, accumulators, factors; marked static for `torch.compile`'s CUDA graphs) and reads no Python state that
+changes from step to step, so the hooks are traced into the graph once instead of breaking it.
 """
 
 from __future__ import annotations
@@ -33,47 +41,76 @@ def first_tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor | Non
     return value
 
 
+def _static(t: torch.Tensor) -> torch.Tensor:
+    """Tell `torch.compile` that `t` keeps its address (CUDA graphs may then update it in place)."""
+    with contextlib.suppress(Exception):  # older torch / no dynamo: only a missed optimisation
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
 class SpanTracker:
     """Knows the span code of every position of the current forward call of one component."""
 
     def __init__(self, stop_token_ids: Sequence[int]) -> None:
         self.stop_ids = list(stop_token_ids)
         self.codes: torch.Tensor | None = None  # [B, T] codes of the current call
+        #: True while the current call is a decode step (one position per row, span `generated` or -1)
+        self.decoding = False
         self._prefill: torch.Tensor | None = None
-        self._alive: torch.Tensor | None = None
+        self._prefilled = False
+        self._alive: torch.Tensor | None = None  # [B] bool, reused across batches of one size
+        self._step_codes: torch.Tensor | None = None  # [B, 1] codes of a decode step, reused likewise
         self._stop: torch.Tensor | None = None
-        self.calls = 0
+        self.calls = 0  # eager calls only: a compiled step must not read a counter that changes every step
 
     def start(self, prefill_codes: torch.Tensor) -> None:
         """Arm for one `generate` call with the adapter's prompt span codes [B, T]."""
         self._prefill = prefill_codes.long()
-        self._alive = None
+        self._prefilled = False
+        self.decoding = False
         self.codes = None
         self.calls = 0
+        b, dev = self._prefill.shape[0], self._prefill.device
+        if self._alive is None or self._alive.shape[0] != b or self._alive.device != dev:
+            self._alive = _static(torch.ones(b, dtype=torch.bool, device=dev))
+            self._step_codes = _static(torch.full((b, 1), GENERATED, dtype=torch.long, device=dev))
+        else:
+            with torch.inference_mode():  # see StatsRecorder.reset
+                self._alive.fill_(True)
+                self._step_codes.fill_(GENERATED)
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = first_tensor_arg(args, kwargs, "input_ids")
-        if self._prefill is None:
-            raise RuntimeError("SpanTracker.start() was not called before the forward pass")
-        if self.calls == 0:
+        # a decode step reads neither `_prefill` nor its shape, so a compiled step is not re-specialised per prompt
+        if not self._prefilled:
+            if self._prefill is None:
+                raise RuntimeError("SpanTracker.start() was not called before the forward pass")
             if ids is not None and ids.shape[-1] != self._prefill.shape[-1]:
                 raise RuntimeError(
                     f"prefill call has {ids.shape[-1]} positions but span codes have {self._prefill.shape[-1]}"
                 )
+            ref = ids if ids is not None else self._prefill
+            if self._stop is None or self._stop.device != ref.device or self._stop.dtype != ref.dtype:
+                self._stop = torch.tensor(self.stop_ids, device=ref.device, dtype=ref.dtype)
             self.codes = self._prefill
-            self._alive = torch.ones(self._prefill.shape[0], dtype=torch.bool, device=self._prefill.device)
+            self.decoding = False
+            self._prefilled = True
         else:
             if ids is None:
                 raise RuntimeError("decode step without input_ids: this adapter needs its own span tracking")
             if ids.shape[-1] != 1:
                 raise RuntimeError(f"decode call with {ids.shape[-1]} positions; expected 1")
-            tok = ids[:, -1].to(self._alive.device)
-            if self._stop is None or self._stop.device != tok.device:
-                self._stop = torch.tensor(self.stop_ids, device=tok.device, dtype=tok.dtype)
-            valid = self._alive & ~torch.isin(tok, self._stop)
-            self._alive = valid
-            self.codes = torch.where(valid, GENERATED, -1).unsqueeze(1)
-        self.calls += 1
+            tok = ids[:, -1]
+            self._alive.logical_and_(~torch.isin(tok, self._stop).to(self._alive.device))
+            self._step_codes.copy_(torch.where(self._alive, GENERATED, -1).unsqueeze(1))
+            self.codes = self._step_codes
+            self.decoding = True
+        if not _compiling():
+            self.calls += 1
 
     @contextlib.contextmanager
     def attached(self, root: torch.nn.Module) -> Iterator[SpanTracker]:
@@ -89,7 +126,10 @@ def _site_tensor(site: LayerSite, args: tuple, output: torch.Tensor | None) -> t
 
 
 class StatsRecorder:
-    """Per-row, per-span, per-layer sums of 1[g > 0], g (and optionally g^2), kept on the model's device."""
+    """Per-row, per-span, per-layer sums of 1[g > 0], g (and optionally g^2), kept on the model's device.
+
+    The accumulators [B, S, N] (float32) are allocated once per batch size and zeroed in place by `reset`.
+    """
 
     def __init__(self, sites: list[LayerSite], tracker: SpanTracker, sum_squares: bool = False) -> None:
         self.sites = sites
@@ -101,37 +141,68 @@ class StatsRecorder:
         self.sq: dict[int, torch.Tensor] = {}
         self.tokens: torch.Tensor | None = None  # [B, S]
         self.batch = 0
+        self._first = sites[0].layer if sites else -1
+        self._called: set[int] = set()
+        self._recorded = False
 
     def reset(self, batch: int) -> None:
         self.batch = batch
-        self.pos.clear()
-        self.sum.clear()
-        self.sq.clear()
-        self.tokens = None
+        self._called = set()
+        self._recorded = False
+        same = self.tokens is not None and self.tokens.shape[0] == batch
+        if not same:
+            self.pos.clear()
+            self.sum.clear()
+            self.sq.clear()
+            self.tokens = None
+            return
+        with torch.inference_mode():  # the buffers may have been made under the caller's inference mode
+            for acc in (self.pos, self.sum, self.sq):
+                for t in acc.values():
+                    t.zero_()
+            self.tokens.zero_()
 
-    def _onehot(self, codes: torch.Tensor, device: torch.device) -> torch.Tensor:
-        codes = codes.to(device)
-        return (codes.unsqueeze(-1) == torch.arange(len(SPANS), device=device)).float()  # [B, T, S]
+    def _buffers(self, layer: int, g: torch.Tensor) -> None:
+        """Allocate (prefill, eager) the accumulators of `layer` on the site's device."""
+        b, n = g.shape[0], g.shape[-1]
+        shape = (b, len(SPANS), n)
+        cur = self.pos.get(layer)
+        if cur is not None and cur.shape == shape and cur.device == g.device:
+            return
+        self.pos[layer] = _static(torch.zeros(shape, dtype=torch.float32, device=g.device))
+        self.sum[layer] = _static(torch.zeros(shape, dtype=torch.float32, device=g.device))
+        if self.sum_squares:
+            self.sq[layer] = _static(torch.zeros(shape, dtype=torch.float32, device=g.device))
+        if layer == self._first:
+            self.tokens = _static(torch.zeros((b, len(SPANS)), dtype=torch.float32, device=g.device))
 
     def _record(self, layer: int, g: torch.Tensor) -> None:
         codes = self.tracker.codes
         if codes is None:
             raise RuntimeError("capture hook ran outside a tracked generation")
-        oh = self._onehot(codes, g.device)
+        if self.tracker.decoding:
+            # one position, one span: add into the `generated` row of rows still alive
+            alive = (codes[:, -1] == GENERATED).to(g.device).unsqueeze(-1)  # [B, 1]
+            gf = g[:, -1].float()  # [B, N]
+            self.pos[layer][:, GENERATED].add_((gf > 0) & alive)
+            self.sum[layer][:, GENERATED].add_(torch.where(alive, gf, 0.0))
+            if self.sum_squares:
+                self.sq[layer][:, GENERATED].add_(torch.where(alive, gf * gf, 0.0))
+            if layer == self._first:
+                self.tokens[:, GENERATED].add_(alive[:, 0])
+            return
+        self._buffers(layer, g)
+        self._called.add(layer)
+        self._recorded = True
+        codes = codes.to(g.device)
+        oh = (codes.unsqueeze(-1) == torch.arange(len(SPANS), device=g.device)).float()  # [B, T, S]
         gf = g.float()
-        pos = torch.einsum("bts,btn->bsn", oh, (gf > 0).float())
-        act = torch.einsum("bts,btn->bsn", oh, gf)
-        if layer in self.pos:
-            self.pos[layer] += pos
-            self.sum[layer] += act
-        else:
-            self.pos[layer], self.sum[layer] = pos, act
+        self.pos[layer].add_(torch.einsum("bts,btn->bsn", oh, (gf > 0).float()))
+        self.sum[layer].add_(torch.einsum("bts,btn->bsn", oh, gf))
         if self.sum_squares:
-            sq = torch.einsum("bts,btn->bsn", oh, gf * gf)
-            self.sq[layer] = self.sq[layer] + sq if layer in self.sq else sq
-        if layer == self.sites[0].layer:
-            tok = oh.sum(1)
-            self.tokens = tok if self.tokens is None else self.tokens + tok
+            self.sq[layer].add_(torch.einsum("bts,btn->bsn", oh, gf * gf))
+        if layer == self._first:
+            self.tokens.add_(oh.sum(1))
 
     def _make_hook(self, site: LayerSite):
         if site.kind == "pre":
@@ -160,19 +231,29 @@ class StatsRecorder:
 
     def result(self) -> dict[str, np.ndarray]:
         """Move the accumulators to host once per batch: arrays [B, S, L, N] and tokens [B, S]."""
-        if self.tokens is None:
+        if self.tokens is None or not self._recorded:
             raise RuntimeError("no forward pass was recorded")
         layers = [s.layer for s in self.sites]
-        missing = [i for i in layers if i not in self.pos]
+        missing = [i for i in layers if i not in self._called]
         if missing:
             raise RuntimeError(f"layers {missing} were never called; is the model split oddly?")
+        one_device = len({self.pos[i].device for i in layers}) == 1
+
+        def stacked(acc: dict[int, torch.Tensor]) -> torch.Tensor:
+            # one device-to-host copy per statistic when every layer sits on one device
+            if one_device:
+                return torch.stack([acc[i] for i in layers], dim=2).cpu()
+            return torch.stack([acc[i].cpu() for i in layers], dim=2)
+
+        # counts are exact small integers in float32: convert on the device, copy int32
+        ints = {i: t.round().to(torch.int32) for i, t in self.pos.items() if i in layers}
         out = {
-            "pos_count": torch.stack([self.pos[i].cpu() for i in layers], dim=2).round().to(torch.int32).numpy(),
-            "act_sum": torch.stack([self.sum[i].cpu() for i in layers], dim=2).numpy(),
-            "tokens": self.tokens.cpu().round().to(torch.int64).numpy(),
+            "pos_count": stacked(ints).numpy(),
+            "act_sum": stacked(self.sum).numpy(),
+            "tokens": self.tokens.round().to(torch.int64).cpu().numpy(),
         }
         if self.sum_squares:
-            out["act_sqsum"] = torch.stack([self.sq[i].cpu() for i in layers], dim=2).numpy()
+            out["act_sqsum"] = stacked(self.sq).numpy()
         return out
 
 
@@ -190,6 +271,11 @@ class InterventionSpec:
         if self.positions not in ("all", "generated"):
             raise ValueError(f"positions {self.positions!r} unknown; expected all or generated")
 
+    @property
+    def is_identity(self) -> bool:
+        """`none` and steer with alpha 0 leave every site unchanged."""
+        return self.kind == "none" or (self.kind == "steer" and float(self.alpha) == 0.0)
+
 
 class Intervention:
     """Edits the hook site with a per-row mask [B, L, N] (bool) before the model uses it."""
@@ -199,28 +285,52 @@ class Intervention:
         self.tracker = tracker
         self.spec = spec
         self.masks: torch.Tensor | None = None
+        self._factor: torch.Tensor | None = None  # [B, L, N] float32: 1 - m or 1 + alpha * m
+        self._rows: list[torch.Tensor | None] = []  # per layer [B, 1, N] in the site's dtype and device
 
     def set_masks(self, masks: torch.Tensor) -> None:
         if masks.ndim != 3 or masks.shape[1] != len(self.sites):
             raise ValueError(f"masks must be [B, {len(self.sites)}, N]; got {tuple(masks.shape)}")
         self.masks = masks.bool()
+        if self.spec.is_identity:
+            return
+        m = self.masks.float()
+        self._factor = 1 - m if self.spec.kind == "deactivate" else 1 + float(self.spec.alpha) * m
+        if len(self._rows) != len(self.sites):
+            self._rows = [None] * len(self.sites)
+        # rows are cast lazily at the prefill (dtype / device of each site); stale rows are refreshed there
+        self._fresh = [False] * len(self.sites)
+
+    def _row(self, layer_pos: int, g: torch.Tensor) -> torch.Tensor:
+        """The layer's factor row in g's dtype/device; refreshed in place (same address) once per batch."""
+        row = self._rows[layer_pos]
+        if not self._fresh[layer_pos]:
+            src = self._factor[:, layer_pos].to(device=g.device, dtype=g.dtype).unsqueeze(1)
+            if row is None or row.shape != src.shape or row.dtype != src.dtype or row.device != src.device:
+                row = _static(src.clone())
+                self._rows[layer_pos] = row
+            else:
+                row.copy_(src)
+            self._fresh[layer_pos] = True
+        return row
 
     def _edit(self, layer_pos: int, g: torch.Tensor) -> torch.Tensor:
         if self.masks is None:
             raise RuntimeError("Intervention.set_masks() was not called")
-        m = self.masks[:, layer_pos].to(device=g.device, dtype=g.dtype).unsqueeze(1)  # [B, 1, N]
+        if self.tracker.decoding:
+            row = self._rows[layer_pos]  # set at the prefill
+        else:
+            row = self._row(layer_pos, g)
         if self.spec.positions == "generated":
-            codes = self.tracker.codes
-            m = m * (codes.to(g.device) == GENERATED).to(g.dtype).unsqueeze(-1)
-        if self.spec.kind == "deactivate":
-            return g * (1 - m)
-        return g * (1 + self.spec.alpha * m)
+            gen = (self.tracker.codes.to(g.device) == GENERATED).unsqueeze(-1)  # [B, T, 1]
+            return g * torch.where(gen, row, torch.ones((), dtype=g.dtype, device=g.device))
+        return g * row
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[Intervention]:
         handles = []
         try:
-            if self.spec.kind != "none":
+            if not self.spec.is_identity:
                 for pos, site in enumerate(self.sites):
                     if site.kind == "pre":
 

@@ -48,6 +48,9 @@ OUTPUT_SAMPLE_RATE = 24000
 DEFAULT_SPEAKER = "Chelsie"
 #: `Qwen2_5OmniForConditionalGeneration.generate`'s default talker budget
 TALKER_MAX_NEW_TOKENS = 4096
+#: thinker KV cache kinds (`model.cache_implementation`) and decode-step compilation (`model.compile`)
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+COMPILE_MODES = ("off", "cudagraphs", "inductor")
 
 
 def instance_seed(seed: int, instance_id: str) -> int:
@@ -174,6 +177,72 @@ class QwenOmniAdapter(ModelAdapter):
         self._stop_ids: list[int] = []
         self._pad_id: int | None = None
         self.model_id: str = ""
+        self.cache_implementation = "dynamic"
+        self.compile: Any = "off"
+        self._caches: dict[int, tuple[int, Any]] = {}  # batch size -> (max length, StaticCache), reused
+
+    def set_decoding(self, cache_implementation: str = "dynamic", compile: Any = "off") -> None:
+        """Thinker decoding fast path (`model.cache_implementation`, `model.compile`).
+
+        `static` pre-allocates the KV cache (transformers `StaticCache`), which makes the decode step shape-stable;
+        `compile` then compiles it: `cudagraphs` replays the eager kernels as one CUDA graph per step (same
+        arithmetic as eager, seconds to capture), `inductor` fuses kernels too (mode reduce-overhead, tens of
+        seconds to compile). The capture and intervention hooks run inside the compiled step. A
+        `transformers.CompileConfig` may be given instead of a name (tests).
+        """
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.cache_implementation {cache_implementation!r} unknown; expected one of {CACHE_IMPLEMENTATIONS}"
+            )
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"model.compile {compile!r} unknown; expected one of {COMPILE_MODES}")
+        if compile != "off" and cache_implementation != "static":
+            raise ValueError(
+                f"model.compile {compile!r} needs model.cache_implementation: static (a dynamic cache changes shape "
+                "every step)"
+            )
+        self.cache_implementation = cache_implementation
+        self.compile = compile
+
+    def _static_cache(self, batch: int, needed: int) -> Any:
+        """One `StaticCache` per batch size, reset and reused while long enough (at least 1024 positions), so
+        the compiled / CUDA-graph decode step sees the same buffers batch after batch (no re-capture)."""
+        from transformers import StaticCache
+
+        length, cache = self._caches.get(batch, (0, None))
+        if cache is None or length < needed:
+            # generous first size: a prompt a little longer than the last must not re-allocate (and recompile)
+            length = max(1024, -(-needed // 512) * 512)
+            config = self._require().thinker.config.get_text_config(decoder=True)
+            cache = StaticCache(config=config, max_cache_len=length)
+            self._caches[batch] = (length, cache)
+        else:
+            cache.reset()
+        return cache
+
+    def _decoding_kwargs(self, batch: int = 1, needed: int = 0, speech: bool = False) -> dict[str, Any]:
+        """`thinker_*` generate kwargs of the decoding fast path (empty for the default dynamic cache).
+
+        With speech output the thinker's decode step is not compiled: transformers keeps every step's hidden
+        states for the talker, and a CUDA graph overwrites its outputs at the next replay.
+        """
+        if self.cache_implementation == "dynamic":
+            return {}
+        kw: dict[str, Any] = {"thinker_past_key_values": self._static_cache(batch, needed)}
+        if isinstance(self.compile, str) or speech:
+            if self.compile == "off" or speech:
+                kw["thinker_disable_compile"] = True
+                return kw
+            from transformers import CompileConfig
+
+            if self.compile == "cudagraphs":
+                cfg = CompileConfig(fullgraph=False, dynamic=False, backend="cudagraphs", mode=None)
+            else:
+                cfg = CompileConfig(fullgraph=False, dynamic=False, backend="inductor", mode="reduce-overhead")
+        else:
+            cfg = self.compile
+        kw["thinker_compile_config"] = cfg
+        return kw
 
     # -- loading -------------------------------------------------------------------------------------------
     def load(
@@ -322,6 +391,8 @@ class QwenOmniAdapter(ModelAdapter):
         )
         if settings.do_sample and settings.temperature > 0:
             kw["thinker_temperature"] = float(settings.temperature)
+        batch = int(inputs["input_ids"].shape[0])
+        kw.update(self._decoding_kwargs(batch, prompt_len + int(settings.max_new_tokens), bool(settings.want_audio)))
         kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
         speaker = self.resolve_speaker(settings.speaker)
 

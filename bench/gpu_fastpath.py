@@ -1,0 +1,480 @@
+"""Issue 14 on a GPU: capture/steer overhead, decoding against the weight-read floor, batched speech, determinism.
+
+Full-size Qwen2.5-Omni-7B (thinker + the 7B talker + token2wav; `harness.qwen_config`) with random bf16
+weights, through the real adapter and hooks, greedy, fixed token counts (`thinker_min_new_tokens` =
+`max_new_tokens`, `talker_min_new_tokens` = `talker_max_new_tokens`, so no row stops early). One command prints
+the table of every goal and writes `results.json` / `results.md` under `--out`:
+
+1. capture / steer (alpha 1, 0.5 % of the gate neurons of every layer) / steer0 (alpha 0) time over plain at
+   batch sizes 1, 8, 32, per decoding path (`eager`: dynamic cache, today's default; `graph`: static KV cache
+   with the decode step compiled by `torch.compile(backend="cudagraphs")`, i.e. `model.cache_implementation:
+   static`, `model.compile: cudagraphs`; optionally `inductor`), with the rows whose ids equal plain's.
+2. decode time per token at bs 1 (and 8): (t(T tokens) - t(1 token)) / (T - 1) per generate call, against the
+   floor = bytes of the language-model weights read per step (decoder layers + final norm + lm_head; the
+   embedding table is not read) / device-to-device copy bandwidth measured here; ids and the first steps'
+   logits against the eager path.
+3. speech (thinker + talker + token2wav, `want_audio`) seconds per utterance and peak memory per batch size,
+   eager and with the thinker fast path.
+4. `model.deterministic` (cuDNN SDPA off) against cuDNN SDPA on: time and ids; plain ids at bs 1 vs 8 vs 32.
+
+Run:        PYTHONPATH=src python bench/gpu_fastpath.py --out DIR
+CPU smoke:  PYTHONPATH=src python bench/gpu_fastpath.py --tiny --out /tmp/fast_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from harness import (  # noqa: E402 - bench/ is on sys.path when run as a script
+    Hooks,
+    IdRecorder,
+    add_random_speaker,
+    build_random,
+    clamp_token2wav_codes,
+    environment,
+    load_adapter,
+    log,
+    quiet_transformers,
+    qwen_config,
+    random_masks,
+    sync,
+    synthetic,
+)
+
+from emotion_neurons.types import GenerationSettings
+
+MODES = ("plain", "capture", "steer", "steer0")
+DECODINGS = {"eager": ("dynamic", "off"), "static": ("static", "off"), "graph": ("static", "cudagraphs"),
+             "inductor": ("static", "inductor")}  # fmt: skip
+KEEP_LOGITS = 4
+SAVE: list = []  # callbacks that write the partial result (set by main)
+
+
+def save() -> None:
+    for fn in SAVE:
+        fn()
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
+    """Device-to-device copy, bytes read + written per second (median of 10 after 3 warm-ups)."""
+    if device.type != "cuda":
+        return None
+    n = int(gib * 2**30) // 2
+    a = torch.randn(n, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n * 2 / float(np.median(times))
+
+
+def lm_read_bytes(adapter: Any) -> int:
+    """Bytes of the weights one decode step reads: decoder layers, final norm, lm_head (not the embedding)."""
+    thinker = adapter.model.thinker
+    embed = thinker.get_input_embeddings().weight
+    sites = adapter.resolve_sites("thinker", "gate")
+    names = dict(adapter.model.named_modules())
+    layers_name = sites[0].name.rsplit(".layers.", 1)[0]
+    lm = names[layers_name]
+    total = sum(p.numel() * p.element_size() for p in lm.parameters() if p.data_ptr() != embed.data_ptr())
+    total += sum(p.numel() * p.element_size() for p in thinker.lm_head.parameters())
+    return int(total)
+
+
+def run_batches(
+    adapter: Any, hooks: Hooks, insts: list, audios: list, bs: int, settings: GenerationSettings,
+    ids: IdRecorder, device: torch.device, warmup: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Generate all instances in batches of `bs` (one untimed warm-up batch first); time per generate call."""
+    batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
+    plan = ([(True, batches[0])] if warmup else []) + [(False, b) for b in batches]
+    t_gen, rows, logits = [], {}, {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with hooks.attached():
+        for warm, idx in plan:
+            prepared = adapter.prepare([insts[i] for i in idx], [audios[i] for i in idx])
+            hooks.arm(prepared)
+            ids.logits = None
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                gen = adapter.generate(prepared, settings)
+            stats = hooks.rec.result() if hooks.rec is not None else None
+            sync(device)
+            dt = time.perf_counter() - t0
+            if warm:
+                continue
+            t_gen.append(dt)
+            plen = int(prepared.inputs["input_ids"].shape[1])
+            new = ids.last[:, plen:]
+            for j, i in enumerate(idx):
+                rows[insts[i].id] = {
+                    "ids": new[j].tolist(),
+                    "n_generated": gen[j].n_generated,
+                    "tokens": None if stats is None else stats["tokens"][j].tolist(),
+                    "wav_samples": None if gen[j].wav is None else int(gen[j].wav.size),
+                }
+                if ids.logits is not None:
+                    logits[insts[i].id] = ids.logits[j].detach()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "batch_size": bs,
+        "n": len(insts),
+        "seconds_per_call": t_gen,
+        "seconds_per_instance": float(np.sum(t_gen)) / len(insts),
+        "peak_gib": None if peak is None else round(peak, 2),
+        "rows": rows,
+        "logits": logits,
+    }
+
+
+def equal_rows(a: dict, b: dict) -> int:
+    return int(sum(a["rows"][k]["ids"] == b["rows"][k]["ids"] for k in a["rows"]))
+
+
+def logit_gap(a: dict, b: dict) -> float | None:
+    """Max |logit difference| over the kept steps before the first differing id, over rows."""
+    worst = 0.0
+    for k, la in a["logits"].items():
+        lb = b["logits"].get(k)
+        if lb is None:
+            return None
+        ia, ib = a["rows"][k]["ids"], b["rows"][k]["ids"]
+        n = next((t for t, (x, y) in enumerate(zip(ia, ib, strict=False)) if x != y), len(ia))
+        n = max(1, min(n + 1, la.shape[0]))  # include the step whose argmax differs
+        worst = max(worst, float((la[:n].float() - lb[:n].float()).abs().max()))
+    return worst
+
+
+def text_settings(n_tokens: int, cache_len: int, logits: bool = True) -> GenerationSettings:
+    extra: dict[str, Any] = {"thinker_min_new_tokens": n_tokens}
+    if logits:
+        extra.update(thinker_output_logits=True, thinker_return_dict_in_generate=True)
+    return GenerationSettings(max_new_tokens=n_tokens, extra=extra)
+
+
+def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tmp: Path, res: dict) -> None:
+    """Fill `res` section by section (what was measured survives a later failure)."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from emotion_neurons.tiny import qwen_omni as tiny_qwen
+
+    with quiet_transformers():
+        tiny_dir = tiny_qwen.build(tmp / "qwen")
+    speech = bool(args.speech_batch_sizes)
+    cfg = qwen_config(tiny_dir, args.tiny, audio_output=speech)
+    model, info = build_random(Qwen2_5OmniForConditionalGeneration, cfg, device, dtype)
+    if speech:
+        add_random_speaker(model, tiny_dir)
+        clamp_token2wav_codes(model)
+    adapter = load_adapter("qwen2_5_omni", model, tiny_dir, device)
+    info["lm_read_gib"] = round(lm_read_bytes(adapter) / 2**30, 3)
+    bw = copy_bandwidth(device)
+    info["copy_bandwidth_tb_s"] = None if bw is None else round(bw / 1e12, 3)
+    floor_ms = None if bw is None else lm_read_bytes(adapter) / bw * 1e3
+    info["floor_ms_per_step"] = None if floor_ms is None else round(floor_ms, 3)
+    res["build"] = info
+    log(f"built: {json.dumps(info)}")
+    sites = adapter.resolve_sites("thinker", "gate")
+    masks = random_masks(len(sites), adapter.n_neurons("thinker"), args.mask_frac, device)
+    ids = IdRecorder([model, model.thinker], keep_logits=KEEP_LOGITS)
+    n_max = max(args.n_per_bs.get(bs, bs) for bs in args.batch_sizes + [1])
+    insts, audios = synthetic(max(n_max, max(args.speech_batch_sizes or [1]) * 2), args.seconds)
+    T = args.new_tokens
+    st = text_settings(T, 0)
+    st1 = text_settings(1, 0, logits=False)
+
+    def decoding(name: str) -> None:
+        adapter.set_decoding(*DECODINGS[name])
+
+    # -- goal 1 + 2: modes x batch sizes x decodings --------------------------------------------------------
+    grid: dict[str, Any] = {}
+    for dec in args.decodings:
+        decoding(dec)
+        for bs in args.batch_sizes:
+            sub = insts[: args.n_per_bs.get(bs, bs)]
+            aud = audios[: len(sub)]
+            t0 = time.perf_counter()
+            modes = ("plain",) if dec in args.plain_only else MODES
+            rounds = 1 if dec in args.plain_only else args.rounds
+            cell: dict[str, list] = {m: [] for m in modes}
+            for rnd in range(rounds):
+                for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                    r = run_batches(adapter, Hooks(adapter, mode, masks), sub, aud, bs, st, ids, device,
+                                    warmup=rnd == 0)  # fmt: skip
+                    cell[mode].append(r)
+            one = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, st1, ids, device, warmup=False)
+            plain = cell["plain"]
+            s_plain = float(np.mean([r["seconds_per_instance"] for r in plain]))
+            row = {
+                "decoding": dec, "batch_size": bs, "n": len(sub), "rounds": rounds,
+                "plain_s_per_instance": round(s_plain, 4),
+                "peak_gib": {m: max(r["peak_gib"] or 0 for r in cell[m]) for m in modes},
+                "plain_rows_equal_across_rounds": [equal_rows(r, plain[0]) for r in plain],
+            }  # fmt: skip
+            for m in modes[1:]:
+                s = float(np.mean([r["seconds_per_instance"] for r in cell[m]]))
+                row[f"{m}_ratio"] = round(s / s_plain, 4)
+                row[f"{m}_ratio_rounds"] = [
+                    round(r["seconds_per_instance"] / p["seconds_per_instance"], 4)
+                    for r, p in zip(cell[m], plain, strict=True)
+                ]
+                row[f"{m}_rows_equal_plain"] = [equal_rows(r, p) for r, p in zip(cell[m], plain, strict=True)]
+            t_call = float(np.median([t for r in plain for t in r["seconds_per_call"]]))
+            t_one = float(np.median(one["seconds_per_call"]))
+            row["ms_per_token"] = round((t_call - t_one) / (T - 1) * 1e3, 3)
+            row["prefill_plus_1_s"] = round(t_one, 4)
+            if floor_ms:
+                row["x_floor"] = round(row["ms_per_token"] / floor_ms, 3)
+            if "capture" in cell:
+                cap = cell["capture"][0]["rows"]
+                row["capture_tokens_example"] = cap[next(iter(cap))]["tokens"]
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            grid[f"{dec}/{bs}"] = {"row": row, "plain0": plain[0]}
+            res["grid"] = [v["row"] for v in grid.values()]
+            save()
+            log(f"{dec} bs={bs}: {json.dumps(row)}")
+    # cross-decoding comparisons against eager
+    for key, v in grid.items():
+        dec, bs = key.split("/")
+        for ref_name in ("eager", "static"):
+            ref = grid.get(f"{ref_name}/{bs}")
+            if ref is not None and dec != ref_name:
+                v["row"][f"rows_equal_{ref_name}"] = equal_rows(v["plain0"], ref["plain0"])
+                v["row"][f"max_logit_gap_vs_{ref_name}"] = logit_gap(v["plain0"], ref["plain0"])
+    res["grid"] = [v["row"] for v in grid.values()]
+    ordered = [d for d in args.decodings if d not in args.plain_only]
+    # goal 4b: ids across batch sizes (plain, first decoding)
+    d0 = ordered[0]
+    b_ = [bs for bs in args.batch_sizes if f"{d0}/{bs}" in grid]
+    cross = {}
+    for bs in b_[1:]:
+        a, b = grid[f"{d0}/{b_[0]}"]["plain0"], grid[f"{d0}/{bs}"]["plain0"]
+        common = [k for k in b["rows"] if k in a["rows"]]
+        cross[f"bs{b_[0]}_vs_bs{bs}"] = f"{sum(a['rows'][k]['ids'] == b['rows'][k]['ids'] for k in common)}/{len(common)}"
+    res["ids_across_batch_sizes"] = cross
+    save()
+    del grid
+    gc.collect()
+
+    # -- goal 4a: deterministic (cuDNN SDPA off, the default) against cuDNN SDPA on ----------------------------
+    det = {}
+    bs = args.det_batch_size
+    sub, aud = insts[: args.n_per_bs.get(bs, bs)], audios[: args.n_per_bs.get(bs, bs)]
+    for dec in ordered:
+        decoding(dec)
+        runs = {}
+        for setting in ("cudnn_on", "cudnn_off", "cudnn_on", "cudnn_off"):
+            torch.backends.cuda.enable_cudnn_sdp(setting == "cudnn_on")
+            r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, st, ids, device)
+            runs.setdefault(setting, []).append(r)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        on = float(np.mean([r["seconds_per_instance"] for r in runs["cudnn_on"]]))
+        off = float(np.mean([r["seconds_per_instance"] for r in runs["cudnn_off"]]))
+        det[dec] = {
+            "batch_size": bs, "n": len(sub),
+            "cudnn_on_s_per_instance": round(on, 4), "deterministic_s_per_instance": round(off, 4),
+            "deterministic_cost": round(off / on, 4),
+            "rows_equal_run_to_run_cudnn_on": equal_rows(runs["cudnn_on"][1], runs["cudnn_on"][0]),
+            "rows_equal_run_to_run_deterministic": equal_rows(runs["cudnn_off"][1], runs["cudnn_off"][0]),
+            "rows_equal_on_vs_off": equal_rows(runs["cudnn_on"][0], runs["cudnn_off"][0]),
+        }  # fmt: skip
+        log(f"deterministic {dec}: {json.dumps(det[dec])}")
+    res["deterministic"] = det
+    save()
+
+    # -- goal 3: speech ----------------------------------------------------------------------------------------
+    sp_rows: list[dict[str, Any]] = []
+    res["speech"] = sp_rows
+    if speech:
+        ss = GenerationSettings(
+            max_new_tokens=args.speech_tokens, want_audio=True, speaker=adapter.resolve_speaker() or "",
+            extra={"thinker_min_new_tokens": args.speech_tokens, "talker_do_sample": False,
+                   "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
+        )  # fmt: skip
+        for dec in args.speech_decodings:
+            decoding(dec)
+            for bs in args.speech_batch_sizes:
+                sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
+                t0 = time.perf_counter()
+                try:
+                    r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device)
+                except Exception as e:  # noqa: BLE001 - report the cell, go on
+                    sp_rows.append({"decoding": dec, "batch_size": bs, "error": f"{type(e).__name__}: {e}"[:400]})
+                    log(f"speech {dec} bs={bs} failed: {e}")
+                    gc.collect()
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                    continue
+                wav = [v["wav_samples"] for v in r["rows"].values()]
+                audio_s = float(np.mean(wav)) / adapter.output_sample_rate
+                row = {
+                    "decoding": dec, "batch_size": bs, "n": len(sub),
+                    "s_per_utterance": round(r["seconds_per_instance"], 4),
+                    "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
+                    "audio_seconds_per_utterance": round(audio_s, 3),
+                    "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
+                    "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
+                }  # fmt: skip
+                sp_rows.append(row)
+                save()
+                log(f"speech {dec} bs={bs}: {json.dumps(row)}")
+        base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
+        for r in sp_rows:
+            if base and "error" not in r:
+                r["throughput_vs_bs1_eager"] = round(base["s_per_utterance"] / r["s_per_utterance"], 3)
+    res["speech"] = sp_rows
+    ids.remove()
+    adapter.set_decoding("dynamic", "off")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, a = result["environment"], result["args"]
+    b = result.get("build", {})
+    out = [
+        f"Device: {env.get('nvidia_smi') or env.get('gpu') or env.get('cpu')}; torch {env['torch']}, transformers "
+        f"{env['transformers']}; {env['date_utc']}; {a['new_tokens']} new tokens per row (fixed), ~{a['seconds']} s "
+        f"clips, greedy; {a['rounds']} rounds; command: `{result['command']}`",
+        f"Weights read per decode step {b.get('lm_read_gib')} GiB; copy bandwidth {b.get('copy_bandwidth_tb_s')} TB/s;"
+        f" floor {b.get('floor_ms_per_step')} ms/step",
+        "",
+        "Goals 1-2 (time ratios over plain, same decoding and batch size; ids = rows equal to plain per round)",
+        "",
+        "| decoding | bs | plain s/inst | ms/token | x floor | capture | steer | steer0 | steer0 ids = plain | capture ids = plain | ids = eager (max logit gap) | ids = static (gap) | peak GiB (plain/capture) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in result.get("grid", []):
+        n = r["n"]
+        if "capture_ratio" not in r:
+            out.append(
+                f"| {r['decoding']} (plain only) | {r['batch_size']} | {r['plain_s_per_instance']:.4f} "
+                f"| {r['ms_per_token']} | {r.get('x_floor', '-')} | | | | | "
+                f"| {r.get('rows_equal_eager', '-')}/{n} ({r.get('max_logit_gap_vs_eager', '-')}) | "
+                f"| {r['peak_gib']['plain']} |"
+            )
+            continue
+        out.append(
+            f"| {r['decoding']} | {r['batch_size']} | {r['plain_s_per_instance']:.4f} | {r['ms_per_token']} "
+            f"| {r.get('x_floor', '-')} | {r['capture_ratio']:.3f}x | {r['steer_ratio']:.3f}x | {r['steer0_ratio']:.3f}x "
+            f"| {', '.join(f'{x}/{n}' for x in r['steer0_rows_equal_plain'])} "
+            f"| {', '.join(f'{x}/{n}' for x in r['capture_rows_equal_plain'])} "
+            f"| {r.get('rows_equal_eager', '-')}/{n} ({r.get('max_logit_gap_vs_eager', '-')}) "
+            f"| {r.get('rows_equal_static', '-')}/{n} ({r.get('max_logit_gap_vs_static', '-')}) "
+            f"| {r['peak_gib']['plain']}/{r['peak_gib']['capture']} |"
+        )
+    out += ["", f"Plain ids across batch sizes: {json.dumps(result.get('ids_across_batch_sizes'))}", ""]
+    out += ["Goal 4 (model.deterministic = cuDNN SDPA off)", "",
+            "| decoding | bs | cuDNN on s/inst | deterministic s/inst | cost | run-to-run ids (on / det) | on vs det ids |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for dec, d in result.get("deterministic", {}).items():
+        n = d["n"]
+        out.append(
+            f"| {dec} | {d['batch_size']} | {d['cudnn_on_s_per_instance']} | {d['deterministic_s_per_instance']} "
+            f"| {d['deterministic_cost']:.3f}x | {d['rows_equal_run_to_run_cudnn_on']}/{n} / "
+            f"{d['rows_equal_run_to_run_deterministic']}/{n} | {d['rows_equal_on_vs_off']}/{n} |"
+        )
+    out += ["", "Goal 3 (speech: thinker + talker + token2wav)", "",
+            "| thinker decoding | bs | s/utterance | utterances/s | x bs-1 eager | audio s | RTF | peak GiB |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result.get("speech", []):
+        if "error" in r:
+            out.append(f"| {r['decoding']} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | |")
+            continue
+        out.append(
+            f"| {r['decoding']} | {r['batch_size']} | {r['s_per_utterance']} | {r['utterances_per_s']} "
+            f"| {r.get('throughput_vs_bs1_eager', '-')} | {r['audio_seconds_per_utterance']} "
+            f"| {r['real_time_factor']} | {r['peak_gib']} |"
+        )
+    if "error" in result:
+        out += ["", "ERROR: " + result["error"].splitlines()[-1]]
+    return "\n".join(out) + "\n"
+
+
+def parse_n(spec: str) -> dict[int, int]:
+    return {int(k): int(v) for k, v in (p.split(":") for p in spec.split(",") if p)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--n-per-bs", type=parse_n, default=parse_n("1:4,8:16,32:32"), help="instances per batch size")
+    ap.add_argument("--decodings", nargs="+", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
+    ap.add_argument(
+        "--plain-only", nargs="*", default=["static"], help="decodings timed in plain mode only (references)"
+    )
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--mask-frac", type=float, default=0.005)
+    ap.add_argument("--det-batch-size", type=int, default=8)
+    ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 16])
+    ap.add_argument("--speech-decodings", nargs="+", default=["eager", "static"], choices=sorted(DECODINGS))
+    ap.add_argument("--speech-min-n", type=int, default=2)
+    ap.add_argument("--speech-tokens", type=int, default=32)
+    ap.add_argument("--codec-tokens", type=int, default=200)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not args.tiny and device.type != "cuda":
+        print("full-size models need a CUDA device; use --tiny", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+        for d in ("graph", "inductor"):  # CUDA graphs need a GPU; the CPU smoke test runs the static cache eagerly
+            args.decodings = ["static" if x == d else x for x in args.decodings]
+            args.speech_decodings = ["static" if x == d else x for x in args.speech_decodings]
+    # every (mode, batch size) is its own compiled decode step; the default limit of 8 would fall back to eager
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 512
+    torch.backends.cuda.enable_cudnn_sdp(False)  # model.deterministic: true (config.yaml default)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "args": {k: (v if k != "n_per_bs" else {str(a): b for a, b in v.items()}) for k, v in vars(args).items()},
+        "environment": environment(device),
+    }
+    log(json.dumps(result["environment"]))
+    t0 = time.perf_counter()
+    code = 0
+
+    def write() -> None:
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (out_dir / "results.md").write_text(markdown(result))
+
+    SAVE.append(write)
+    with tempfile.TemporaryDirectory(prefix="fast_") as tmp:
+        try:
+            bench(args, device, dtype, Path(tmp), result)
+        except Exception:  # noqa: BLE001 - keep what was measured
+            result["error"] = traceback.format_exc()
+            log(result["error"])
+            code = 1
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / "results.md").write_text(markdown(result))
+    print(markdown(result), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
