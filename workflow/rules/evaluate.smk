@@ -145,6 +145,14 @@ rule report:
             for t in TASKS
             for m in _cond.masks(config["select"])
         ],
+        # per-utterance rows (baseline intervals, the EVC audio) and the stage-1 list of skipped audio
+        judged=lambda wc: [
+            f"{RUN}/{t}/eval/{c['condition']}/judged-{i}.tsv"
+            for t in TASKS
+            for c in conditions(t)
+            for i in range(n_eval_shards())
+        ],
+        bad=[f"{stage1_dir(t)}/bad_audio.tsv" for t in TASKS],
     output:
         f"{RUN}/report.html",
     log:
@@ -159,7 +167,12 @@ rule report:
                 "tasks": TASKS,
                 "run": RUN,
                 "report": config.get("report", {}),
+                "evaluate": {
+                    k: config["evaluate"].get(k) for k in ("bootstrap", "seed", "ci")
+                },
+                "stage1": {t: stage1_dir(t) for t in TASKS},
                 "model": config["model"]["id"],
+                "config": config,
                 "code": code_version("report"),
             }
         ),
