@@ -86,7 +86,11 @@ def test_r_sweep_is_drawn_when_present(tmp_path):
 
 
 def test_selector_comparison_and_change_matrices(page):
-    assert _section(page, "ser-selectors").count("data:image/png") == 1
+    sel = _section(page, "ser-selectors")
+    assert sel.count("data:image/png") == 1
+    # every paired difference with its interval, the planted one included
+    assert "<td>12.5 [3.3, 20.7]</td>" in sel and "<td>2.0 [-1.0, 5.0]</td>" in sel
+    assert "<td>75.0 [50.0, 95.0]</td>" in _section(page, "evc-selectors")
     assert "Selector comparison" in page
     # change matrices: cas, mad and their random controls
     assert _section(page, "ser-change").count("data:image/png") == 4

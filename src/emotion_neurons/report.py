@@ -295,6 +295,28 @@ def _main_rows(task: str, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame
     return d, "delta", "ci_lo", "ci_hi", "Δ target accuracy vs baseline (points)"
 
 
+def interval_table(task: str, vr: pd.DataFrame) -> str:
+    """Every selector minus its matched random control: each statistic that has `<stat>_lo`/`<stat>_hi`
+    columns (SER) or every metric (EVC), as `value [lo, hi]`, so new statistics show without code changes."""
+    rows = []
+    if task == "ser":
+        d = vr[vr["mask_emotion"].astype(str).eq("mean")]
+        stats = [c for c in d.columns if f"{c}_lo" in d.columns and f"{c}_hi" in d.columns]
+        for _, r in d.iterrows():
+            rows.append({"setting": label(r), "random control": r["random_condition"], "seeds": r.get("n_seeds"),
+                         **{f"Δ{k}": fmt_ci(r[k], r[f"{k}_lo"], r[f"{k}_hi"]) for k in stats}})
+    else:
+        d = vr[vr["target"].astype(str).eq("all")]
+        for (_cond, _), g in d.groupby(["condition", "random_condition"], sort=False):
+            r0 = g.iloc[0]
+            row = {"setting": label(r0), "random control": r0["random_condition"], "seeds": r0.get("n_seeds")}
+            for _, r in g.iterrows():
+                scale = 1.0 if "wer" in str(r["metric"]) or "cer" in str(r["metric"]) else 100.0
+                row[f"Δ{r['metric']}"] = fmt_ci(r["delta"], r["ci_lo"], r["ci_hi"], scale, 3 if scale == 1 else 1)
+            rows.append(row)
+    return _table(pd.DataFrame(rows)) if rows else ""
+
+
 def selector_comparison(task: str, tables: dict[str, pd.DataFrame]) -> str:
     fid, title = f"{task}-selectors", f"Selector comparison, {task.upper()} (Paper A, Figure 3)"
     d, v, lo, hi, ylab = _main_rows(task, tables)
@@ -318,10 +340,11 @@ def selector_comparison(task: str, tables: dict[str, pd.DataFrame]) -> str:
         _bars(axes[0, 1], [label(x) for _, x in r.iterrows()], y.to_numpy(float), lo_.to_numpy(float),
               hi_.to_numpy(float), [SELECTOR_COLOR] * len(r))
         axes[0, 1].set_title("minus its matched random control (paired)", fontsize=9)
+    body = _png(fig, title) + (interval_table(task, vr) if ncol == 2 else "")
     how = ("bars are the effect of each selector's mask (blue) and of its size-matched random control (grey), "
            "whiskers the 95% interval; on the right, a bar whose whisker stays clear of 0 is a selector that beats "
-           "random neurons of the same number and layers.")
-    return figure(fid, title, how, _png(fig, title))
+           "random neurons of the same number and layers; the table lists every paired difference with its interval.")
+    return figure(fid, title, how, body)
 
 
 def _line_name(row: dict[str, Any], swept: str) -> str:
