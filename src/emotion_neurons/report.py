@@ -257,8 +257,8 @@ def headline(t: dict[str, Any], n_boot: int, seed: int, ci: float) -> str:
         best = best_setting(task, tables)
         if best is not None:
             items.append(f"<li>Best selector <b>{esc(label(best))}</b>: target accuracy "
-                         f"{fmt_ci(best['value'], None, None, 100)} % vs its matched random control "
-                         f"{fmt_ci(best['random'], None, None, 100)} %; paired difference "
+                         f"{100 * float(best['value']):.1f} % vs its matched random control "
+                         f"{100 * float(best['random']):.1f} % (mean of {int(best['n_seeds'])} seeds); paired difference "
                          f"<span class='num' data-key='best-vs-random'>{fmt_ci(best['delta'], best['ci_lo'], best['ci_hi'], 100)}</span> points</li>")
         else:
             items.append("<li>No selector has a matched random control in this run, so no causal signature.</li>")
@@ -324,7 +324,7 @@ def selector_comparison(task: str, tables: dict[str, pd.DataFrame]) -> str:
         return absent(fid, title, "the metric tables have no per-selector effects")
     vr = tables.get("vs_random")
     ncol = 2 if vr is not None and not vr.empty else 1
-    fig, axes = plt.subplots(1, ncol, figsize=(min(16, 4 + 0.45 * len(d) * ncol), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, ncol, figsize=(min(16, max(5 * ncol, 4 + 0.45 * len(d) * ncol)), 3.6), squeeze=False)
     labs = [label(r) for _, r in d.iterrows()]
     colors = [RANDOM_COLOR if lb.startswith("random") else SELECTOR_COLOR for lb in labs]
     _bars(axes[0, 0], labs, d[v].to_numpy(float), d[lo].to_numpy(float), d[hi].to_numpy(float), colors)
@@ -356,10 +356,10 @@ def _line_name(row: dict[str, Any], swept: str) -> str:
 
 def sensitivity(task: str, tables: dict[str, pd.DataFrame], param: str) -> str:
     """Effect against r (Figure 4) or against alpha (dose-response), one line per selector with its band."""
-    names = {"r": ("r", "Figure 4: sensitivity to the neuron ratio r"),
+    names = {"r": ("r", "sensitivity to the neuron ratio r (Paper A, Figure 4)"),
              "alpha": ("alpha", "dose-response: sensitivity to the steering strength alpha")}
     col, what = names[param]
-    fid, title = f"{task}-sens-{param}", f"{task.upper()} {what}"
+    fid, title = f"{task}-sens-{param}", f"{task.upper()}: {what}"
     d, v, lo, hi, ylab = _main_rows(task, tables)
     if d is None or d.empty:
         return absent(fid, title, "the metric tables have no per-selector effects")
@@ -390,11 +390,11 @@ def sweep_absent(task: str, tables: dict[str, pd.DataFrame]) -> list[str]:
     """c and the filtering ablation: only when the tables carry those columns (a later sweep adds them)."""
     out = []
     cols = set().union(*(set(t.columns) for t in tables.values())) if tables else set()
-    for key, title in (("c", "Figure 5: sensitivity to c (instances each emotion must keep)"),
-                       ("filter", "the filtering ablation (filter on vs off)")):
+    for key, title in (("c", "sensitivity to c (Paper A, Figure 5)"),
+                       ("filter", "filtering ablation (filter on vs off)")):
         fid = f"{task}-sens-{key}"
         if key not in cols:
-            out.append(absent(fid, f"{task.upper()} {title}",
+            out.append(absent(fid, f"{task.upper()}: {title}",
                               f"the metric tables have no `{key}` column; this run did not sweep it"))
     return out
 
@@ -414,7 +414,7 @@ def change_matrices(tables: dict[str, pd.DataFrame]) -> str:
         M = mat.to_numpy(float)
         lim = max(1.0, float(np.nanmax(np.abs(M))) if M.size else 1.0)
         fig, ax = plt.subplots(figsize=(0.7 * len(emos) + 2, 0.5 * len(mat) + 1.4))
-        im = ax.imshow(M, cmap="RdBu", vmin=-lim, vmax=lim)
+        im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set_xticks(range(len(emos)), emos, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(mat)), mat.index, fontsize=8)
         for i in range(M.shape[0]):
@@ -438,7 +438,7 @@ def _selector_masks(masks: dict[str, tuple[np.ndarray, dict]]) -> dict[str, tupl
 
 
 def layer_figures(task: str, masks: dict[str, tuple[np.ndarray, dict]]) -> str:
-    fid, title = f"{task}-layers", f"{task.upper()} where the neurons are: layer distribution per selector and emotion"
+    fid, title = f"{task}-layers", f"{task.upper()}: where the neurons are: layer distribution per selector and emotion"
     sm = _selector_masks(masks)
     if not sm:
         return absent(fid, title, "the run has no selector masks")
