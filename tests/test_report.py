@@ -131,3 +131,16 @@ def test_main_writes_page(tmp_path, capsys):
     assert report.main(["--params", dumps(params), "--out", str(out)]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert str(out.resolve()) in capsys.readouterr().out
+
+
+def test_interval_table_shows_new_statistics_and_row_kinds():
+    import pandas as pd
+
+    base = {"condition": "cas-r0.1-deactivate", "selector": "cas", "r": 0.1, "intervention": "deactivate",
+            "alpha": 1.0, "mask_seed": 0, "random_condition": "random-cas-r0.1-deactivate", "mask_emotion": "mean",
+            "n_seeds": 5}
+    vr = pd.DataFrame([{**base, "measure": m, "RCE": v, "RCE_lo": v - 1, "RCE_hi": v + 1} for m, v in
+                       (("accuracy", -4.0), ("gold_prob", -7.5))])
+    html = report.interval_table("ser", vr)
+    assert "<td>accuracy</td>" in html and "<td>gold_prob</td>" in html
+    assert "<td>-4.0 [-5.0, -3.0]</td>" in html and "<td>-7.5 [-8.5, -6.5]</td>" in html and "ΔRCE" in html

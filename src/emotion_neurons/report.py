@@ -302,9 +302,14 @@ def interval_table(task: str, vr: pd.DataFrame) -> str:
     if task == "ser":
         d = vr[vr["mask_emotion"].astype(str).eq("mean")]
         stats = [c for c in d.columns if f"{c}_lo" in d.columns and f"{c}_hi" in d.columns]
+        known = {"condition", "selector", "r", "intervention", "alpha", "mask_seed", "control_of", "random_condition",
+                 "mask_emotion", "n_seeds"}
+        # columns a later table may add to tell rows apart (e.g. which measure the effect is on)
+        extra = [c for c in d.columns if c not in known and c not in stats and not c.endswith(("_lo", "_hi"))
+                 and not pd.api.types.is_numeric_dtype(d[c])]
         for _, r in d.iterrows():
-            rows.append({"setting": label(r), "random control": r["random_condition"], "seeds": r.get("n_seeds"),
-                         **{f"Δ{k}": fmt_ci(r[k], r[f"{k}_lo"], r[f"{k}_hi"]) for k in stats}})
+            rows.append({"setting": label(r), **{c: r[c] for c in extra}, "random control": r["random_condition"],
+                         "seeds": r.get("n_seeds"), **{f"Δ{k}": fmt_ci(r[k], r[f"{k}_lo"], r[f"{k}_hi"]) for k in stats}})
     else:
         d = vr[vr["target"].astype(str).eq("all")]
         for (_cond, _), g in d.groupby(["condition", "random_condition"], sort=False):
