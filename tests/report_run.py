@@ -77,10 +77,11 @@ def make_run(root: Path, rs: tuple[float, ...] = (0.05,), wa_correct: int = 300,
             rid = f"{spk}_{j}->{tgt}"
             common = {"id": rid, "status": "ok", "speaker": spk, "split": "eval", "emotion": "neutral", "target": tgt,
                       "wav": str(wav), "text": "kids are talking by the door", "output_wav": f"wavs/{rid.replace('>', '')}.wav"}
-            rows.append({**common, "pred": "neutral", "target_prob": 0.2, "asr_text": NASTY, "emotion_ok": 0,
-                         "success": 0, "wer_edits": 2, "ref_words": 6})
-            steer.append({**common, "pred": tgt, "target_prob": 0.9, "asr_text": "kids are talking", "emotion_ok": 1,
-                          "success": 1, "wer_edits": 3, "ref_words": 6})
+            # the judge's columns; emotion_ok and success are decided from them as the metrics stage does
+            rows.append({**common, "pred": "neutral", "target_prob": 0.2, "asr_text": NASTY, "empty": False,
+                         "refusal": False, "wer": 2 / 6, "wer_edits": 2, "ref_words": 6})
+            steer.append({**common, "pred": tgt, "target_prob": 0.9, "asr_text": "kids are talking", "empty": False,
+                          "refusal": False, "wer": 3 / 6, "wer_edits": 3, "ref_words": 6})
     c = _cond("cas", rs[0], "steer")
     for cond, table in (("baseline", rows), (c["condition"], steer)):
         write_table(evc / "eval" / cond / "judged-0.tsv", pd.DataFrame(table))
@@ -114,4 +115,4 @@ def make_run(root: Path, rs: tuple[float, ...] = (0.05,), wa_correct: int = 300,
             {"wav": [f"/data/broken{i}.wav" for i in range(bad_rows)], "reason": ["empty"] * bad_rows}))
     return {"tasks": ["evc", "ser"], "run": str(run), "report": {"title": "Test report", "audio_per_emotion": 1},
             "evaluate": {"bootstrap": 500, "seed": 0, "ci": 0.95}, "stage1": {t: str(d) for t, d in stage1.items()},
-            "model": "tiny", "config": {"run_name": "demo"}, "code": "abc123"}
+            "filter": {"wer_max": 0.4}, "model": "tiny", "config": {"run_name": "demo"}, "code": "abc123"}

@@ -34,6 +34,9 @@ def test_headline_shows_planted_causal_signature(page):
     assert "paired difference <span class='num' data-key='best-vs-random'>75.0 [50.0, 95.0]</span> points" in evc
     # corpus WER of the baseline: 16 edits / 48 words
     assert re.search(r"corpus WER: <b class='num' data-key='baseline-corpus WER'>0\.333 \[", evc)
+    # target realised only where the target is the judged "neutral": 2 of 8 sources, WER 1/3 <= wer_max 0.4
+    assert "target accuracy: <b class='num' data-key='baseline-target accuracy'>25.0 [" in evc
+    assert "success: <b class='num' data-key='baseline-success'>25.0 [" in evc
 
 
 def test_baseline_interval_from_utterances(page):

@@ -188,16 +188,24 @@ def _read_judged(tdir: Path, cond: str) -> pd.DataFrame | None:
     return pd.concat(parts, ignore_index=True) if parts else None
 
 
-def load_task(run: Path, task: str) -> dict[str, Any]:
-    """Everything the report shows for one task: metric tables, filter summary, masks, baseline rows."""
+def load_task(run: Path, task: str, wer_max: float | None = None) -> dict[str, Any]:
+    """Everything the report shows for one task: metric tables, filter summary, masks, baseline rows (EVC
+    rows decided as the metrics stage decides them: target realised, content kept under `wer_max`)."""
+    from .filter import decide
+
     tdir = run / task
+    base = _read_judged(tdir, "baseline")
+    if base is not None and "status" in base.columns:
+        base = base[base["status"].eq("ok")].reset_index(drop=True)
+    if base is not None and task == "evc" and not base.empty:
+        base = decide(base, "evc", wer_max)
     tables = {p.stem: read_table(p) for p in sorted((tdir / "metrics").glob("*.tsv"))}
     filt = tdir / "filter" / "summary.tsv"
     masks = {}
     for m in sorted((tdir / "masks").glob("*.safetensors")):
         masks[m.stem] = load_mask(m)
     return {"task": task, "dir": tdir, "tables": tables, "filter": read_table(filt) if filt.exists() else None,
-            "masks": masks, "baseline": _read_judged(tdir, "baseline")}
+            "masks": masks, "baseline": base}
 
 
 # ------------------------------------------------------------------------------------------ headline
@@ -671,7 +679,8 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
     title = esc(rep.get("title", "Emotion-sensitive neurons"))
     ev = params.get("evaluate", {}) or {}
     n_boot, seed, ci = int(ev.get("bootstrap", 1000)), int(ev.get("seed", 0)), float(ev.get("ci", 0.95))
-    tasks = {task: load_task(run, task) for task in params["tasks"]}
+    wer_max = (params.get("filter") or {}).get("wer_max")
+    tasks = {task: load_task(run, task, wer_max) for task in params["tasks"]}
     body = [f"<h1>{title}</h1><p>model <code>{esc(str(params.get('model')))}</code>, run <code>{esc(str(run))}</code>. "
             "Effects are in accuracy points (×100) unless stated; brackets are 95% intervals.</p>",
             "<nav>" + "".join(f"<a href='#{t}-headline'>{t.upper()}</a>" for t in tasks) +

@@ -171,6 +171,7 @@ rule report:
                     k: config["evaluate"].get(k) for k in ("bootstrap", "seed", "ci")
                 },
                 "stage1": {t: stage1_dir(t) for t in TASKS},
+                "filter": {"wer_max": config["filter"].get("wer_max")},
                 "model": config["model"]["id"],
                 "config": config,
                 "code": code_version("report"),
