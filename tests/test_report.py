@@ -147,3 +147,23 @@ def test_interval_table_shows_new_statistics_and_row_kinds():
     html = report.interval_table("ser", vr)
     assert "<td>accuracy</td>" in html and "<td>gold_prob</td>" in html
     assert "<td>-4.0 [-5.0, -3.0]</td>" in html and "<td>-7.5 [-8.5, -6.5]</td>" in html and "ΔRCE" in html
+
+
+def test_only_the_configs_masks_are_shown(tmp_path):
+    params = make_run(tmp_path) | {"masks": ["cas-r0.05"]}  # mad-r0.05 is a leftover of another grid
+    page = report.build(params, tmp_path / "r.html")
+    layers = _section(page, "ser-layers")
+    assert 'alt="cas-r0.05"' in layers and "mad-r0.05" not in layers
+
+
+def test_empty_transcript_is_empty_not_nan(tmp_path):
+    import pandas as pd
+
+    from emotion_neurons.io import write_table
+
+    d = tmp_path / "evc" / "eval" / "baseline"
+    write_table(d / "judged-0.tsv", pd.DataFrame({"id": ["0016_1->sad"], "speaker": ["0016"], "asr_text": [""],
+                                                  "pred": [""], "text": ["hi"]}))
+    t = report._read_judged(tmp_path / "evc", "baseline")
+    assert t.loc[0, "asr_text"] == "" and t.loc[0, "pred"] == "" and t.loc[0, "speaker"] == "0016"
+    assert report.fmt_ci(-0.0001, -0.0002, 0.0, 100) == "0.0 [0.0, 0.0]"

@@ -60,8 +60,8 @@ def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 def fmt_ci(value: float, lo: float | None, hi: float | None, scale: float = 1.0, digits: int = 1) -> str:
     """`12.3 [10.1, 14.5]`; `n/a` for a missing value, the value alone for a missing interval."""
-    def f(x: float | None) -> str:
-        return "n/a" if x is None or not np.isfinite(x) else f"{x * scale:.{digits}f}"
+    def f(x: float | None) -> str:  # + 0.0 turns -0.0 into 0.0
+        return "n/a" if x is None or not np.isfinite(x) else f"{round(x * scale, digits) + 0.0:.{digits}f}"
 
     if value is None or not np.isfinite(value):
         return "n/a"
@@ -182,13 +182,16 @@ def _read_judged(tdir: Path, cond: str) -> pd.DataFrame | None:
         # ids and speakers are names ("0016"), not numbers
         t = pd.read_csv(f, sep="\t", keep_default_na=False, na_values=[""],
                         dtype={c: str for c in ("id", "speaker", "text", "asr_text", "pred")})
+        for c in ("text", "asr_text", "pred"):
+            if c in t.columns:
+                t[c] = t[c].fillna("")
         if not t.empty:
             t["_shard_dir"] = str(f.parent / f.name.replace("judged-", "shard-").removesuffix(".tsv"))
             parts.append(t)
     return pd.concat(parts, ignore_index=True) if parts else None
 
 
-def load_task(run: Path, task: str, wer_max: float | None = None) -> dict[str, Any]:
+def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: list[str] | None = None) -> dict[str, Any]:
     """Everything the report shows for one task: metric tables, filter summary, masks, baseline rows (EVC
     rows decided as the metrics stage decides them: target realised, content kept under `wer_max`)."""
     from .filter import decide
@@ -202,7 +205,10 @@ def load_task(run: Path, task: str, wer_max: float | None = None) -> dict[str, A
     tables = {p.stem: read_table(p) for p in sorted((tdir / "metrics").glob("*.tsv"))}
     filt = tdir / "filter" / "summary.tsv"
     masks = {}
-    for m in sorted((tdir / "masks").glob("*.safetensors")):
+    # the masks of this config only (a folder can hold masks of an earlier grid)
+    files = ([tdir / "masks" / f"{n}.safetensors" for n in sorted(mask_names)] if mask_names is not None
+             else sorted((tdir / "masks").glob("*.safetensors")))
+    for m in files:
         masks[m.stem] = load_mask(m)
     return {"task": task, "dir": tdir, "tables": tables, "filter": read_table(filt) if filt.exists() else None,
             "masks": masks, "baseline": base}
@@ -598,7 +604,7 @@ def evc_audio(t: dict[str, Any], per_target: int, seed: int) -> str:
         s = st.loc[r["id"]]
 
         def judge_cell(x: pd.Series) -> str:
-            return (f"{esc(str(x.get('pred', '')))} (p<sub>target</sub> = {float(x.get('target_prob', float('nan'))):.2f})"
+            return (f"{esc(str(x.get('pred', '')) or '(no emotion: no audio)')} (p<sub>target</sub> = {float(x.get('target_prob', float('nan'))):.2f})"
                     f"<br/><span class='asr'>heard: “{esc(str(x.get('asr_text', '') or ''))}”</span>")
 
         trs.append(
@@ -680,7 +686,7 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
     ev = params.get("evaluate", {}) or {}
     n_boot, seed, ci = int(ev.get("bootstrap", 1000)), int(ev.get("seed", 0)), float(ev.get("ci", 0.95))
     wer_max = (params.get("filter") or {}).get("wer_max")
-    tasks = {task: load_task(run, task, wer_max) for task in params["tasks"]}
+    tasks = {task: load_task(run, task, wer_max, params.get("masks")) for task in params["tasks"]}
     body = [f"<h1>{title}</h1><p>model <code>{esc(str(params.get('model')))}</code>, run <code>{esc(str(run))}</code>. "
             "Effects are in accuracy points (×100) unless stated; brackets are 95% intervals.</p>",
             "<nav>" + "".join(f"<a href='#{t}-headline'>{t.upper()}</a>" for t in tasks) +

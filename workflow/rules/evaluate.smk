@@ -172,6 +172,7 @@ rule report:
                 },
                 "stage1": {t: stage1_dir(t) for t in TASKS},
                 "filter": {"wer_max": config["filter"].get("wer_max")},
+                "masks": [m["mask"] for m in _cond.masks(config["select"])],
                 "model": config["model"]["id"],
                 "config": config,
                 "code": code_version("report"),
