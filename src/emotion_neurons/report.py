@@ -219,7 +219,7 @@ def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: li
 
 def best_setting(task: str, tables: dict[str, pd.DataFrame]) -> pd.Series | None:
     """The selector setting with the largest paired advantage over its matched random control (SER: ESS of the
-    mean over emotions; EVC: target accuracy over all targets). Picking the best after the fact flatters it;
+    mean over emotions; EVC: target accuracy over all targets, among steering settings when there are any). Picking the best after the fact flatters it;
     the selector comparison shows all of them."""
     vr = tables.get("vs_random")
     if vr is None or vr.empty:
@@ -228,6 +228,8 @@ def best_setting(task: str, tables: dict[str, pd.DataFrame]) -> pd.Series | None
         d = vr[vr["mask_emotion"].astype(str).eq("mean")].dropna(subset=["ESS"])
         return None if d.empty else d.loc[d["ESS"].idxmax()]
     d = vr[vr["target"].astype(str).eq("all") & vr["metric"].eq("target_acc")].dropna(subset=["delta"])
+    if d["intervention"].eq("steer").any():  # EVC converts by steering (Paper A); deactivation is a control
+        d = d[d["intervention"].eq("steer")]
     return None if d.empty else d.loc[d["delta"].idxmax()]
 
 
