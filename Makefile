@@ -16,11 +16,16 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -r requirements/dev.txt -e . torch==2.13.0
 	touch $@
 
-# espeak-ng and sox synthesise the test speech (Debian packages; needs root or sudo).
+# espeak-ng and sox synthesise the test speech; chromium and chromium-driver run the browser tests of the
+# report and the listening page (Debian packages; needs root or sudo). Without chromium those tests skip.
 sysdeps:
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || { \
 	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng sox >/dev/null; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "sysdeps: chromium could not be installed; the browser tests will skip"; }
 
 tiny: setup sysdeps
 	$(PY) -m emotion_neurons.tiny --out .tiny

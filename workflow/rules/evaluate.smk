@@ -148,6 +148,14 @@ rule report:
             for m in _cond.masks(config["select"])
         ],
         data=[f for t in TASKS for f in prepared_tables(t)],
+        # per-utterance rows (baseline intervals, the EVC audio) and the stage-1 list of skipped audio
+        judged=lambda wc: [
+            f"{RUN}/{t}/eval/{c['condition']}/judged-{i}.tsv"
+            for t in TASKS
+            for c in conditions(t)
+            for i in range(n_eval_shards())
+        ],
+        bad=[f"{stage1_dir(t)}/bad_audio.tsv" for t in TASKS],
     output:
         f"{RUN}/report.html",
     log:
@@ -162,9 +170,34 @@ rule report:
                 "tasks": TASKS,
                 "run": RUN,
                 "report": config.get("report", {}),
+                "evaluate": {
+                    k: config["evaluate"].get(k) for k in ("bootstrap", "seed", "ci")
+                },
+                "stage1": {t: stage1_dir(t) for t in TASKS},
+                "filter": {"wer_max": config["filter"].get("wer_max")},
+                "masks": [m["mask"] for m in _cond.masks(config["select"])],
                 "model": config["model"]["id"],
                 "data_tables": {t: prepared_tables(t) for t in TASKS},
+                "config": config,
                 "code": code_version("report"),
+                # the code behind every number on the page (its provenance section)
+                "codes": {
+                    **{
+                        s: code_version(s)
+                        for s in (
+                            "prepare",
+                            "filter",
+                            "aggregate",
+                            "select",
+                            "judge",
+                            "metrics",
+                        )
+                    },
+                    **{
+                        s: code_version(s, config["model"]["adapter"])
+                        for s in ("generate", "evaluate")
+                    },
+                },
             }
         ),
     shell:
