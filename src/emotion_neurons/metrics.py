@@ -638,6 +638,19 @@ def _ser_boot(
 _SER_STATS = ["SE", "SE_lo", "SE_hi", "ACE", "ACE_lo", "ACE_hi", "ESS", "ESS_lo", "ESS_hi"]
 
 
+def _ser_masked(df: pd.DataFrame, n_boot: int, ci: float):
+    """The SER rows, their emotions, the masked (non-baseline, emotion-specific) rows, each condition's
+    settings and the random controls grouped by the mask they control: what both random comparisons start from."""
+    _check_boot(n_boot, ci)
+    d = _prep_ser(df)
+    if not (d["condition"] == BASELINE).any():
+        raise ValueError(f"SER table has no baseline rows (condition == {BASELINE!r})")
+    emotions = sorted(d["emotion"].unique().tolist())
+    nb = d[(d["condition"] != BASELINE) & (d["mask_emotion"] != "")]
+    meta = nb.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
+    return d, emotions, nb, meta, _random_groups(nb)
+
+
 def ser_random_effects(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
     """SE / ACE / ESS per mask setting with bootstrap intervals, random controls collapsed over their seeds.
 
@@ -646,14 +659,7 @@ def ser_random_effects(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: 
     when the seeds disagree (`<stat>_seed_sd` = sd across seeds). Label-agnostic rows (no mask emotion)
     are skipped, as in `ser_effects`.
     """
-    _check_boot(n_boot, ci)
-    d = _prep_ser(df)
-    if not (d["condition"] == BASELINE).any():
-        raise ValueError(f"SER table has no baseline rows (condition == {BASELINE!r})")
-    emotions = sorted(d["emotion"].unique().tolist())
-    nb = d[(d["condition"] != BASELINE) & (d["mask_emotion"] != "")]
-    meta = nb.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
-    groups = _random_groups(nb)
+    d, emotions, nb, meta, groups = _ser_masked(df, n_boot, ci)
     first_of = {v[0]: v for v in groups.values()}
     rows = []
     for cond in _condition_order(nb["condition"]):
@@ -674,14 +680,7 @@ def ser_random_effects(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: 
 def ser_vs_random(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
     """Every selector setting's SE / ACE / ESS minus those of its matched random control (mean over seeds),
     on the same utterances, with the two-level bootstrap interval (utterances and seeds)."""
-    _check_boot(n_boot, ci)
-    d = _prep_ser(df)
-    if not (d["condition"] == BASELINE).any():
-        raise ValueError(f"SER table has no baseline rows (condition == {BASELINE!r})")
-    emotions = sorted(d["emotion"].unique().tolist())
-    nb = d[(d["condition"] != BASELINE) & (d["mask_emotion"] != "")]
-    meta = nb.drop_duplicates("condition").set_index("condition")[list(CONDITION_COLS[1:])]
-    groups = _random_groups(nb)
+    d, emotions, nb, meta, groups = _ser_masked(df, n_boot, ci)
     rows = []
     for cond in _condition_order(nb["condition"]):
         m = meta.loc[cond]
