@@ -157,6 +157,11 @@ def prepared_tables(task):
     return [f"{stage1_dir(task)}/bad_audio.tsv", f"{stage1_dir(task)}/warnings.tsv"]
 
 
+def guarded(cmd):
+    """A GPU rule's shell: the retry guard first, the command, then the copy of a failed attempt's log."""
+    return "".join((SHELL_GUARD, cmd, SHELL_RECORD))
+
+
 def mem_mb(base):
     """Attempt-scaled memory: an OOM-killed job is retried with more."""
 

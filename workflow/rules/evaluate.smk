@@ -77,9 +77,11 @@ rule evaluate:
         n=n_eval_shards(),
         mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     shell:
-        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
-        "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
-        "--out {output} > {log} 2>&1" + SHELL_RECORD
+        guarded(
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
+            "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
+            "--out {output} > {log} 2>&1"
+        )
 
 
 rule judge_eval:
@@ -105,7 +107,9 @@ rule judge_eval:
             {k: v for k, v in condition(wc.task, wc.condition).items() if k != "mask"},
         ),
     shell:
-        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1" + SHELL_RECORD
+        guarded(
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        )
 
 
 rule metrics:

@@ -21,7 +21,9 @@ rule judge_ident:
     params:
         p=lambda wc: judge_params(wc.task),
     shell:
-        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1" + SHELL_RECORD
+        guarded(
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+        )
 
 
 rule filter:

@@ -49,5 +49,7 @@ rule generate:
     params:
         p=lambda wc: stage1_params(KEY2TASK[wc.key]),
     shell:
-        SHELL_GUARD + "OMP_NUM_THREADS={threads} python -m emotion_neurons.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
-        "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1" + SHELL_RECORD
+        guarded(
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
+            "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1"
+        )
