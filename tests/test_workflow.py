@@ -126,7 +126,8 @@ def test_new_r_adds_only_new_jobs(demo_run):
     assert jobs["select"] == 2 * 4  # 4 new selector masks per task
     assert jobs["random_control"] == 2 * 4 * 2  # 2 seeds of a matched control for each, per task
     # one new evaluate per task x new condition (baseline and r=0.05 conditions are kept)
-    assert jobs["evaluate"] == 2 * 12  # deactivate and steer a1 for each new mask, per task
+    # 12 new masks per task (4 selector masks + 8 matched controls), each under deactivate and steer a1
+    assert jobs["evaluate"] == 2 * 12 * 2
 
 
 @pytest.mark.slow
@@ -193,7 +194,8 @@ def test_code_change_reruns_exactly_its_rules(demo_run, code_copy, module, expec
 def test_hook_code_change_reruns_stage1(demo_run, code_copy):
     _touch_code(code_copy, "hooks.py")
     jobs = planned(demo_run, repo=code_copy)
-    assert jobs["generate"] == 4 and jobs["evaluate"] == 2 * (1 + 12)
+    # per task: the baseline + 12 masks (4 selector masks, 8 matched controls) x (deactivate, steer a1)
+    assert jobs["generate"] == 4 and jobs["evaluate"] == 2 * (1 + 12 * 2)
 
 
 def teardown_module(module):
