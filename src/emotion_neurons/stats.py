@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,10 +58,9 @@ class InstanceStatsWriter:
         sum_squares: bool = False,
         act_sums: str = "float16",
     ) -> None:
-        if len(set(instance_ids)) != len(instance_ids):
-            seen: set[str] = set()
-            dup = next(i for i in instance_ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-            raise ValueError(f"instance ids of a shard must be unique; {dup!r} appears twice")
+        dups = [i for i, n in Counter(instance_ids).items() if n > 1]
+        if dups:
+            raise ValueError(f"instance ids of a shard must be unique; {dups[0]!r} appears more than once")
         if act_sums not in SUM_DTYPES:
             raise ValueError(f"capture.act_sums must be one of {list(SUM_DTYPES)}, got {act_sums!r}")
         sum_dtype = SUM_DTYPES[act_sums]

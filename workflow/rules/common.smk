@@ -3,7 +3,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 from snakemake.utils import validate
 
@@ -185,14 +184,13 @@ def eval_params(wc):
 
 @functools.cache
 def _eval_params(task, cid):
-    wc = SimpleNamespace(task=task, condition=cid)
     return dumps(
         {
-            "task": wc.task,
-            "condition": condition(wc.task, wc.condition),
+            "task": task,
+            "condition": condition(task, cid),
             "model": model_params(),
             "task_cfg": {
-                k: v for k, v in config["tasks"][wc.task].items() if k != "spans"
+                k: v for k, v in config["tasks"][task].items() if k != "spans"
             },
             "data": config["data"],
             "eval": {
