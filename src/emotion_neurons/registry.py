@@ -1,0 +1,99 @@
+"""One small registry type for every extension point (selectors, interventions, model adapters, judges).
+
+A registry maps a name to an object (a function, a class, or a lazy "module:attr" target). The config schema's
+enums and the Snakemake wildcard constraints are derived from `names()` / `pattern()`, so each list of names
+exists once. Names are restricted to `[a-z][a-z0-9_]*` so that they fit file names and wildcards without
+escaping and so that a name can never contain the `-` that separates fields in mask and condition names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Registry(Generic[T]):
+    """Name -> object, filled by decorators (or lazy `"module:attr"` strings resolved on first use)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str, obj: T | str | None = None, *, replace: bool = False) -> Any:
+        """Register `obj` under `name`; without `obj`, return a decorator (`@REG.register("lap")`)."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"{self.kind} name {name!r} is invalid: use lower-case letters, digits and _")
+
+        def add(o: Any) -> Any:
+            if name in self._items and not replace and self._items[name] is not o:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = o
+            return o
+
+        return add if obj is None else add(obj)
+
+    def unregister(self, name: str) -> None:
+        """Remove `name` (tests that register temporary entries clean up with this)."""
+        self._items.pop(name, None)
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            item = self._items[name]
+        except KeyError:
+            raise KeyError(f"{self.kind} {name!r} unknown; registered: {', '.join(self.names())}") from None
+        if isinstance(item, str):
+            module, _, attr = item.partition(":")
+            item = getattr(importlib.import_module(module), attr)
+            self._items[name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        return self[name]
+
+    def raw(self, name: str) -> Any:
+        """The registered object without resolving a lazy target (cheap: no import)."""
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names, sorted (stable across runs, so schema enums and DAGs are reproducible)."""
+        return tuple(sorted(self._items))
+
+    def pattern(self) -> str:
+        """A regex alternation of the names, for Snakemake `wildcard_constraints`."""
+        return "|".join(re.escape(n) for n in sorted(self._items, key=lambda n: (-len(n), n))) or "(?!)"
+
+    def temporarily(self, name: str, obj: T | str) -> _Temp:
+        """Context manager: register `obj` for the duration of a block (for tests and plugins)."""
+        return _Temp(self, name, obj)
+
+
+class _Temp:
+    def __init__(self, reg: Registry[Any], name: str, obj: Any) -> None:
+        self.reg, self.name, self.obj = reg, name, obj
+
+    def __enter__(self) -> Any:
+        self.reg.register(self.name, self.obj)
+        return self.obj
+
+    def __exit__(self, *exc: object) -> None:
+        self.reg.unregister(self.name)
+
+
+def decorator(reg: Registry[T], name: str) -> Callable[[T], T]:
+    """`@decorator(SELECTORS, "lap")`: a readable alias for `reg.register(name)`."""
+    return reg.register(name)
