@@ -23,7 +23,7 @@ rule all:
 
 onsuccess:
     # skipped audio and data warnings, said once at the end instead of only in bad_audio.tsv and the logs
-    from emotion_neurons.data import issue_message as _issue_message
+    from emotion_neurons.stages.prepare import issue_message as _issue_message
 
     _msg = _issue_message({t: prepared_tables(t) for t in TASKS})
     if _msg:

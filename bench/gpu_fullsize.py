@@ -38,7 +38,7 @@ max_new_tokens 20, after an untimed warm-up pass over every batch shape, in `--r
 of the modes alternated between rounds; one untimed warm-up batch before each mode's pass):
   plain    no hooks at all
   capture  SpanTracker + StatsRecorder on the thinker gate site (act_fn output), result copied to host once
-           per batch (as `emotion_neurons.generate.run` does)
+           per batch (as `emotion_neurons.stages.generate.run` does)
   steer    SpanTracker + Intervention steer, alpha 1.0, a random 0.5 % of the neurons of every layer, all positions
   steer0   the same with alpha 0 (a check: its output must equal plain's)
 Time per instance (torch.cuda.synchronize around each batch; split into input preparation and generation;

@@ -478,7 +478,7 @@ class Hooks:
             yield self
 
     def arm(self, prepared: Any) -> None:
-        """Per batch, as `emotion_neurons.generate.run` does before `adapter.generate`."""
+        """Per batch, as `emotion_neurons.stages.generate.run` does before `adapter.generate`."""
         self.tracker.start(self.adapter.prefill_span_codes("thinker", prepared))
         n = int(prepared.inputs["input_ids"].shape[0])
         if self.rec is not None:

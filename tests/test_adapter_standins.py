@@ -72,7 +72,7 @@ def kimi() -> KimiAudioAdapter:
 
 
 def run(adapter, component, batch, settings, spec=None, masks=None, site="gate"):
-    """Capture (and optionally intervene) exactly as emotion_neurons.generate.run does."""
+    """Capture (and optionally intervene) exactly as emotion_neurons.stages.generate.run does."""
     instances, audios = batch
     sites = adapter.resolve_sites(component, site)
     tracker = SpanTracker(adapter.stop_token_ids)

@@ -10,12 +10,12 @@ def _names(stage, adapter=None):
 
 
 def test_import_closure():
-    assert _names("prepare") == {"__init__.py", "config.py", "data.py", "io.py", "prompts.py", "types.py"}
+    assert _names("prepare") == {"__init__.py", "config.py", "stages/prepare.py", "io.py", "prompts.py", "types.py"}
     gen = _names("generate", "qwen2_5_omni")
-    assert {"hooks.py", "stats.py", "models/base.py", "models/qwen_omni.py", "data.py"} <= gen
+    assert {"hooks.py", "stats.py", "models/base.py", "models/qwen_omni.py", "stages/prepare.py"} <= gen
     assert "models/audio_flamingo3.py" not in gen and "judges.py" not in gen
     assert "models/audio_flamingo3.py" in _names("generate", "audio_flamingo3")
-    assert "filter.py" in _names("metrics")  # summarize decides success with filter.decide
+    assert "stages/filter.py" in _names("metrics")  # metrics decides success with filter.decide
     assert "selectors.py" in _names("report")
 
 
@@ -116,8 +116,8 @@ def test_task_spans_defaults():
 
 def test_evc_aggregation_ignores_the_audio_span(tmp_path):
     """The audio span of one source is the same for all its targets; with EVC's spans it adds nothing to P."""
-    from emotion_neurons.aggregate import main as aggregate_main
     from emotion_neurons.io import write_table
+    from emotion_neurons.stages.aggregate import main as aggregate_main
     from emotion_neurons.stats import InstanceStatsWriter, load_aggregate
 
     ids = ["s1->angry", "s1->happy"]
@@ -156,7 +156,7 @@ def test_workflow_aggregates_each_task_over_its_spans(tmp_path):
     res = _dry_run(tmp_path, {"tasks": {"ser": {"spans": ["audio", "generated"]}}})
     assert res.returncode == 0, res.stderr[-3000:]
     spans = {}
-    for m in re.finditer(r"emotion_neurons\.aggregate --params '(\{.*?\})'", res.stdout):
+    for m in re.finditer(r"emotion_neurons\.stages\.aggregate --params '(\{.*?\})'", res.stdout):
         p = json.loads(m.group(1))
         spans[p["task"]] = p["spans"]
     assert spans == {"evc": ["text", "generated"], "ser": ["audio", "generated"]}

@@ -9,10 +9,17 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from emotion_neurons.data import DataError, build_instances, check_audio, read_emobox, read_esd, shard_of
-from emotion_neurons.filter import TooFewSuccesses, decide, keep
 from emotion_neurons.io import AudioError, load_audio
 from emotion_neurons.prompts import option_order, parse_answer, ser_prompt
+from emotion_neurons.stages.filter import TooFewSuccesses, decide, keep
+from emotion_neurons.stages.prepare import (
+    DataError,
+    build_instances,
+    check_audio,
+    read_emobox,
+    read_esd,
+    shard_of,
+)
 
 EMOS = {"Neutral": "neutral", "Angry": "angry", "Happy": "happy"}
 

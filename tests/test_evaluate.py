@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 from toy import ToyAdapter
 
-from emotion_neurons import evaluate
 from emotion_neurons.hooks import Intervention
 from emotion_neurons.io import read_table, write_jsonl
 from emotion_neurons.selectors import save_mask
+from emotion_neurons.stages import evaluate
 from emotion_neurons.types import Instance
 
 EMOTIONS = ["angry", "happy", "sad"]

@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 from toy import ToyAdapter  # noqa: E402
 
-from emotion_neurons.generate import load_adapter  # noqa: E402
 from emotion_neurons.hooks import Intervention, InterventionSpec, SpanTracker, StatsRecorder  # noqa: E402
 from emotion_neurons.models import get_adapter  # noqa: E402
+from emotion_neurons.stages.generate import load_adapter  # noqa: E402
 from emotion_neurons.tiny.qwen_omni import build  # noqa: E402
 from emotion_neurons.types import GenerationSettings, Instance  # noqa: E402
 

@@ -11,9 +11,9 @@ import torch
 from toy import ToyAdapter
 
 from emotion_neurons import SPANS
-from emotion_neurons.generate import load_shard, run
 from emotion_neurons.hooks import InterventionSpec
 from emotion_neurons.io import AudioError, read_table, write_jsonl
+from emotion_neurons.stages.generate import load_shard, run
 from emotion_neurons.stats import open_store
 from emotion_neurons.types import GenerationSettings, Instance
 
@@ -180,7 +180,7 @@ def test_cap_gives_small_strata_everything_and_shares_the_rest(tmp_path):
 def test_stage1_main_caps_and_records_what_it_kept(adapter, tmp_path, monkeypatch, caplog):
     import json
 
-    from emotion_neurons import generate
+    from emotion_neurons.stages import generate
 
     rows = []
     for k, inst in enumerate(_instances(tmp_path, n=3)):

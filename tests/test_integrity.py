@@ -16,11 +16,11 @@ import pytest
 import soundfile as sf
 import yaml
 
-from emotion_neurons import data as data_mod
 from emotion_neurons import retry
 from emotion_neurons.config import adapter_input_window, check_run_name
-from emotion_neurons.data import DataError, build_instances, check_audio, read_dataset, read_esd
 from emotion_neurons.io import AudioError, TooLongAudio, load_audio, read_jsonl, read_table
+from emotion_neurons.stages import prepare as data_mod
+from emotion_neurons.stages.prepare import DataError, build_instances, check_audio, read_dataset, read_esd
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -158,7 +158,7 @@ def test_input_window_comes_from_the_adapter_class():
 def test_generation_refuses_audio_the_model_would_cut(tmp_path):
     from toy import ToyAdapter
 
-    from emotion_neurons.generate import run
+    from emotion_neurons.stages.generate import run
     from emotion_neurons.types import GenerationSettings, Instance
 
     class Windowed(ToyAdapter):
@@ -226,7 +226,7 @@ def test_skip_counts_reach_the_message_and_the_report(tmp_path):
     tables = {"ser": [str(tmp_path / "out" / "bad_audio.tsv"), str(tmp_path / "out" / "warnings.tsv")]}
     msg = data_mod.issue_message(tables)
     assert "ser: 2 audio file(s) skipped (1 bad, 1 longer than the model's input window)" in msg
-    from emotion_neurons.report import build
+    from emotion_neurons.stages.report import build
 
     html = build({"run": str(tmp_path), "tasks": [], "data_tables": tables})
     table = pd.read_html(html.split("Input skipped")[1])[0] if _has_lxml() else None
@@ -323,7 +323,7 @@ def test_guard_refuses_only_a_retry_after_a_permanent_failure(tmp_path):
 def test_output_wav_names_are_unique_and_visible(tmp_path):
     from toy import ToyAdapter
 
-    from emotion_neurons.generate import run
+    from emotion_neurons.stages.generate import run
     from emotion_neurons.types import GenerationOutput, GenerationSettings, Instance
 
     ids = ["a/b", "a_b", ".hidden", "..", "0011_000001->angry"]

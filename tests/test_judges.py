@@ -498,8 +498,8 @@ def judges_map(target: str) -> str:
 def _run_judge_stage(tmp_path: Path, outputs: Path, cfg: dict) -> pd.DataFrame:
     import json
 
-    from emotion_neurons import judge
     from emotion_neurons.io import read_table
+    from emotion_neurons.stages import judge
 
     params = tmp_path / "params.json"
     params.write_text(json.dumps(judge.params(cfg, "evc")))
@@ -510,7 +510,7 @@ def _run_judge_stage(tmp_path: Path, outputs: Path, cfg: dict) -> pd.DataFrame:
 
 def test_evc_judge_stage_neutral_output_fails_every_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 7 defect 1: judged over all dataset emotions, an unconverted (neutral) output is never a success."""
-    from emotion_neurons.filter import decide
+    from emotion_neurons.stages.filter import decide
 
     script = _Script()
     script.install(monkeypatch)
@@ -550,7 +550,7 @@ def test_evc_judge_stage_neutral_output_fails_every_target(tmp_path: Path, monke
 
 
 def test_judge_labels_are_all_dataset_emotions() -> None:
-    from emotion_neurons import judge
+    from emotion_neurons.stages import judge
 
     cfg = _paper_config()
     labels = judge.judge_labels(cfg, "evc")
@@ -566,7 +566,7 @@ def test_judge_labels_are_all_dataset_emotions() -> None:
 def test_evc_judge_refuses_labels_without_the_source_emotion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emotion_neurons import judge
+    from emotion_neurons.stages import judge
 
     script = _Script()
     script.install(monkeypatch)

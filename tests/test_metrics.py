@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emotion_neurons.metrics import (
+from emotion_neurons.effects import (
     average_random,
     evc_deltas,
     evc_random_deltas,

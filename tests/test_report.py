@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from report_run import NASTY, PLANTED, make_run
 
-from emotion_neurons import report
+from emotion_neurons.stages import report
 
 
 def _section(page: str, fid: str) -> str:

@@ -285,7 +285,7 @@ def test_ties_recorded_and_none_without_competition(planted) -> None:
 def test_mask_provenance_records_ties(tmp_path) -> None:
     import zarr
 
-    from emotion_neurons.masks import main
+    from emotion_neurons.stages.select import main
 
     P = _tied_design().astype(np.float32)
     agg = tmp_path / "aggregate.zarr"

@@ -145,7 +145,7 @@ def runs(cluster, code, tmp_path_factory):
     """The reduced demo twice: locally (--cores 2) and through the SLURM profile. They run side by side: the
     SLURM run mostly waits (job start-up, status polling, one fake GPU), the local run fills that time."""
     # the venv first on PATH: SLURM exports this environment to the jobs (sbatch --export=ALL), whose shell
-    # commands call `python -m emotion_neurons.<stage>`
+    # commands call `python -m emotion_neurons.stages.<stage>`
     env = {**cluster, "PATH": f"{BIN}:{cluster.get('PATH', '')}"}
     local = _workdir(tmp_path_factory.mktemp("local"), code)
     slurm = _workdir(tmp_path_factory.mktemp("slurm"), code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from emotion_neurons.summarize import summarize
+from emotion_neurons.stages.metrics import summarize
 
 BASE = {"condition": "baseline", "selector": "none", "r": 0.0, "intervention": "none", "alpha": 0.0, "mask_seed": 0}
 STEER = {
@@ -69,8 +69,8 @@ def test_evc_summary_hand_computed() -> None:
 def test_summarize_main_writes_tables_and_names_bad_file(tmp_path) -> None:
     import json
 
-    from emotion_neurons import summarize as summarize_mod
     from emotion_neurons.io import read_table, write_table
+    from emotion_neurons.stages import metrics as summarize_mod
 
     judged = _judged()
     write_table(tmp_path / "judged-0.tsv", judged)

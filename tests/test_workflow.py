@@ -179,8 +179,8 @@ def _touch_code(copy: Path, module: str) -> None:
 @pytest.mark.parametrize(
     "module, expected",
     [
-        ("report.py", {"report", "all"}),
-        ("summarize.py", {"metrics", "report", "all"}),
+        ("stages/report.py", {"report", "all"}),
+        ("stages/metrics.py", {"metrics", "report", "all"}),
         ("models/audio_flamingo3.py", set()),  # another model's adapter: nothing of this run
     ],
 )

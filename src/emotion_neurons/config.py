@@ -17,18 +17,19 @@ from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-#: Entry module of each stage (`python -m emotion_neurons.<module>`).
-STAGE_ENTRY: dict[str, str] = {
-    "prepare": "data",
-    "generate": "generate",
-    "judge": "judge",
-    "filter": "filter",
-    "aggregate": "aggregate",
-    "select": "masks",
-    "evaluate": "evaluate",
-    "metrics": "summarize",
-    "report": "report",
-}
+#: Stage entry modules live in `stages/`: rule `<stage>` (or `<stage>_<phase>`) runs `python -m
+#: emotion_neurons.stages.<stage>`. The map is this naming rule, never a hand-kept table.
+STAGE_PACKAGE = "stages"
+
+
+def stage_module(stage: str) -> str:
+    """Dotted module (relative to the package) that runs `stage`, e.g. `stages.select`."""
+    return f"{STAGE_PACKAGE}.{stage}"
+
+
+def stages() -> tuple[str, ...]:
+    """Every stage name: the entry modules found in `stages/`."""
+    return tuple(sorted(p.stem for p in (PACKAGE_DIR / STAGE_PACKAGE).glob("*.py") if p.stem != "__init__"))
 
 
 def _module_file(name: str) -> Path | None:
@@ -77,7 +78,10 @@ def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
     Adapters are imported by name at run time: with `adapter` set only that adapter's module counts, so
     editing one model's adapter never re-runs another model's jobs.
     """
-    todo = [_module_file(STAGE_ENTRY[stage]), PACKAGE_DIR / "__init__.py"]
+    entry = _module_file(stage_module(stage))
+    if entry is None:
+        raise KeyError(f"stage {stage!r} has no entry module {stage_module(stage)}; stages: {', '.join(stages())}")
+    todo = [entry, PACKAGE_DIR / "__init__.py"]
     seen: set[Path] = set()
     while todo:
         f = todo.pop()

@@ -35,7 +35,7 @@ KEY_COLUMNS = ("item", "target", "steered", "source_id", "speaker", "baseline_co
 
 
 def _pairs(run: Path, condition: str | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    from .report import _read_judged, best_setting
+    from .stages.report import _read_judged, best_setting
 
     tdir = run / "evc"
     if condition is None:
@@ -54,7 +54,7 @@ def _pairs(run: Path, condition: str | None) -> tuple[pd.DataFrame, pd.DataFrame
 def export(run: str | Path, out: str | Path, condition: str | None = None, per_emotion: int = 4,
            seed: int = 0, title: str = "Which voice sounds more like the emotion?") -> pd.DataFrame:
     """Write `out/listening.html` (the blinded page) and `out/key.tsv` (the answer key); return the key."""
-    from .report import _out_wav, stratified_sample
+    from .stages.report import _out_wav, stratified_sample
 
     base, steer, cond = _pairs(Path(run), condition)
     b = base[base["status"].eq("ok")]

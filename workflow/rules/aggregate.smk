@@ -27,5 +27,5 @@ rule aggregate:
         ),
         stores=lambda wc, input: " ".join(f"{d}/stats.zarr" for d in input.shards),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.aggregate --params {params.p:q} --kept {input.kept} --stores {params.stores} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.aggregate --params {params.p:q} --kept {input.kept} --stores {params.stores} "
         "--out {output} > {log} 2>&1"

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
-from emotion_neurons import judge as _judge  # noqa: E402
+from emotion_neurons.stages import judge as _judge  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
 from emotion_neurons.retry import SHELL_GUARD, SHELL_RECORD  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
@@ -37,7 +37,7 @@ RUN = f"results/{check_run_name(config['run_name'])}"
 SELECTOR_MASK = r"[a-z]+-r[0-9.e-]+"
 
 CACHE = "results/cache/stage1"
-# rules run `python -m emotion_neurons.<stage>` from this checkout (also inside cluster jobs, which re-read
+# rules run `python -m emotion_neurons.stages.<stage>` from this checkout (also inside cluster jobs, which re-read
 # this file), so an edit to the package is what runs without reinstalling
 os.environ.update(
     PYTHONPATH=os.pathsep.join(

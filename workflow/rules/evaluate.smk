@@ -23,7 +23,7 @@ rule select:
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.masks --params {params.p:q} --aggregate {input} --out {output.mask} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.select --params {params.p:q} --aggregate {input} --out {output.mask} > {log} 2>&1"
 
 
 # the random control of a selector's mask: same realised size per emotion (and per layer, by default)
@@ -51,7 +51,7 @@ rule random_control:
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.masks --params {params.p:q} --control-of {input} --out {output.mask} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.select --params {params.p:q} --control-of {input} --out {output.mask} > {log} 2>&1"
 
 
 rule evaluate:
@@ -78,7 +78,7 @@ rule evaluate:
         mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
             "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
             "--out {output} > {log} 2>&1"
         )
@@ -108,7 +108,7 @@ rule judge_eval:
         ),
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
         )
 
 
@@ -139,7 +139,7 @@ rule metrics:
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.summarize --params {params.p:q} --judged {input} --outdir {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.metrics --params {params.p:q} --judged {input} --outdir {output} > {log} 2>&1"
 
 
 rule report:
@@ -205,4 +205,4 @@ rule report:
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.report --params {params.p:q} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.report --params {params.p:q} --out {output} > {log} 2>&1"

@@ -22,7 +22,7 @@ rule judge_ident:
         p=lambda wc: judge_params(wc.task),
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
         )
 
 
@@ -50,5 +50,5 @@ rule filter:
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.filter --params {params.p:q} --judged {input} --kept {output.kept} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.filter --params {params.p:q} --judged {input} --kept {output.kept} "
         "--summary {output.summary} > {log} 2>&1"

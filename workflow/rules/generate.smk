@@ -24,7 +24,7 @@ rule prepare:
             }
         ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.data --params {params.p:q} --out {output.manifest} --bad {output.bad} "
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.prepare --params {params.p:q} --out {output.manifest} --bad {output.bad} "
         "--warnings {output.warnings} > {log} 2>&1"
 
 
@@ -50,6 +50,6 @@ rule generate:
         p=lambda wc: stage1_params(KEY2TASK[wc.key]),
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.generate --params {params.p:q} --manifest {input.manifest} --shard {wildcards.shard} "
             "--n-shards {wildcards.n} --batch-size {resources.batch_size} --out {output} > {log} 2>&1"
         )

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import read_table, write_table
+from ..io import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _ratio(num: pd.Series, den: pd.Series) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import load_params
+    from ..config import load_params
 
     ap = argparse.ArgumentParser(description="Stage 2b: keep c successful instances per emotion")
     ap.add_argument("--params", required=True)

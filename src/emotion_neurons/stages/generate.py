@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import SPANS, __version__
-from .config import code_version, load_params
-from .io import AudioError, atomic_dir, load_audio, read_jsonl, write_table, write_wav
-from .models import available
-from .types import GenerationSettings, Instance
+from .. import SPANS, __version__
+from ..config import code_version, load_params
+from ..io import AudioError, atomic_dir, load_audio, read_jsonl, write_table, write_wav
+from ..models import available
+from ..types import GenerationSettings, Instance
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load_shard(
     Also returns the per-(emotion, speaker) table of available and kept counts, logged and written beside
     the stage's outputs so every run says what it kept.
     """
-    from .data import shard_of
+    from .prepare import shard_of
 
     rows = [Instance.from_dict(d) for d in read_jsonl(manifest)]
     inst = sorted((i for i in rows if i.split == split and shard_of(i.id, n_shards) == shard), key=lambda i: i.id)
@@ -164,8 +164,8 @@ def run(
     """
     import torch
 
-    from .hooks import Intervention, SpanTracker, StatsRecorder
-    from .stats import InstanceStatsWriter
+    from ..hooks import Intervention, SpanTracker, StatsRecorder
+    from ..stats import InstanceStatsWriter
 
     sites = adapter.resolve_sites(component, site)
     tracker = SpanTracker(adapter.component_stop_token_ids(component))
@@ -263,7 +263,7 @@ def run(
 
 
 def load_adapter(model_cfg: dict[str, Any]):
-    from .models import get_adapter
+    from ..models import get_adapter
 
     if model_cfg.get("deterministic", True):
         import torch
@@ -347,6 +347,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .retry import run_stage
+    from ..retry import run_stage
 
     sys.exit(run_stage(main))

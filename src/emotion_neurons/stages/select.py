@@ -9,9 +9,9 @@ import logging
 import sys
 from typing import Any
 
-from .config import load_params
-from .selectors import load_mask, random_control, save_mask, select_with_info
-from .stats import load_aggregate
+from ..config import load_params
+from ..selectors import load_mask, random_control, save_mask, select_with_info
+from ..stats import load_aggregate
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import load_params
+from ..config import load_params
+from ..hooks import InterventionSpec
+from ..io import atomic_dir, write_table
 from .generate import batch_size_of, load_adapter, load_shard, run, settings_from
-from .hooks import InterventionSpec
-from .io import atomic_dir, write_table
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.kind != "none":
         import torch
 
-        from .selectors import load_mask
+        from ..selectors import load_mask
 
         mask_np, meta = load_mask(a.mask)
         emotions = list(meta["emotions"])
@@ -89,6 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .retry import run_stage
+    from ..retry import run_stage
 
     sys.exit(run_stage(main))

@@ -30,10 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .config import load_params  # noqa: E402
-from .data import issue_summary  # noqa: E402
-from .io import read_table, write_text  # noqa: E402
-from .selectors import layer_distribution, load_mask, overlap  # noqa: E402
+from ..config import load_params  # noqa: E402
+from ..io import read_table, write_text  # noqa: E402
+from ..selectors import layer_distribution, load_mask, overlap  # noqa: E402
+from .prepare import issue_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 

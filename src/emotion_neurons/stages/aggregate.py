@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from .config import load_params
-from .io import read_table
-from .stats import aggregate
+from ..config import load_params
+from ..io import read_table
+from ..stats import aggregate
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from .io import AudioError, TooLongAudio, write_jsonl, write_table
-from .prompts import evc_prompt, option_order, ser_prompt
-from .types import Instance
+from ..io import AudioError, TooLongAudio, write_jsonl, write_table
+from ..prompts import evc_prompt, option_order, ser_prompt
+from ..types import Instance
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def check_audio(
     Audio longer than `max_seconds` (the model's input window) follows data.on_too_long instead; clipped
     audio (a share of full-scale samples above data.clip_warn_fraction) is kept, warned about and noted.
     """
-    from .io import read_checked
+    from ..io import read_checked
 
     bad: dict[str, tuple[str, str]] = {}
     clip_warn = dcfg.get("clip_warn_fraction", 0.001)
@@ -254,7 +254,7 @@ NOTE_COLUMNS = ["kind", "where", "id", "detail"]  # kind: wav_without_transcript
 
 def issue_counts(bad_audio: str | Path, notes: str | Path | None = None) -> dict[str, int]:
     """Counts for the console and the report: skipped files (too long apart) and notes by kind."""
-    from .io import read_table
+    from ..io import read_table
 
     bad = read_table(bad_audio)
     too_long = int((bad["kind"] == "too_long").sum()) if "kind" in bad else 0
@@ -291,7 +291,7 @@ def issue_message(tables: dict[str, list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import load_params
+    from ..config import load_params
 
     ap = argparse.ArgumentParser(description="Stage 0: build the task's instance manifest")
     ap.add_argument("--params", required=True, help="JSON with task, task config, dataset config, data config")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import metrics
-from .config import load_params
+from .. import effects as metrics
+from ..config import load_params
+from ..io import read_table, write_table
 from .filter import decide
-from .io import read_table, write_table
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .config import code_version, task_dataset
-from .io import AudioError, load_audio, read_table, write_table
-from .prompts import parse_answer
+from ..config import code_version, task_dataset
+from ..io import AudioError, load_audio, read_table, write_table
+from ..prompts import parse_answer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def params(config: dict[str, Any], task: str, cond: dict[str, Any] | None = None
     """Parameters of a judge job (the judge rules pass them as sorted JSON); EVC label map checked here."""
     labels = judge_labels(config, task)
     if task == "evc":
-        from .judges import check_label_map
+        from ..judges import check_label_map
 
         check_label_map(labels, config["judges"]["emotion"]["label_map"])
     return {
@@ -77,7 +77,7 @@ class EvcJudge:
     """
 
     def __init__(self, cfg: dict[str, Any], labels: list[str]) -> None:
-        from .judges import AsrJudge, EmotionJudge, check_label_map
+        from ..judges import AsrJudge, EmotionJudge, check_label_map
 
         ecfg, acfg = cfg["emotion"], cfg["asr"]
         self.label_map: dict[str, str] = dict(ecfg["label_map"])
@@ -107,7 +107,7 @@ class EvcJudge:
 
     def emotion_decision(self, probs: np.ndarray, target: str) -> tuple[str, float]:
         """(predicted dataset emotion, probability of the target) from one [9] emotion2vec vector."""
-        from .judges import EMOTION2VEC_LABELS, restricted_argmax
+        from ..judges import EMOTION2VEC_LABELS, restricted_argmax
 
         if self.restrict:
             winners, renorm = restricted_argmax(probs[None, :], self.labels, self.label_map)
@@ -116,7 +116,7 @@ class EvcJudge:
         return self.inverse.get(e2v, e2v), float(probs[self.e2v_index[self.labels.index(target)]])
 
     def __call__(self, outputs: pd.DataFrame, base_dir: Path) -> pd.DataFrame:
-        from .judges import cer, is_refusal, word_errors
+        from ..judges import cer, is_refusal, word_errors
 
         records = []
         for row in tqdm(outputs.to_dict("records"), desc="judge", file=sys.stderr, mininterval=5):
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outputs", required=True, help="outputs.tsv of a shard")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    from .config import load_params
+    from ..config import load_params
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
@@ -187,6 +187,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .retry import run_stage
+    from ..retry import run_stage
 
     sys.exit(run_stage(main))
