@@ -61,9 +61,9 @@ def _config(*overlays: dict) -> dict:
 
 
 def _validate(cfg: dict) -> None:
-    from snakemake.utils import validate
+    from emotion_neurons.schema import validate_config
 
-    validate(cfg, schema=str(SCHEMA))
+    validate_config(cfg, SCHEMA)
 
 
 def test_stage1_key_follows_batch_size_and_ignores_spans():
@@ -77,7 +77,7 @@ def test_stage1_key_follows_batch_size_and_ignores_spans():
 
 
 def test_schema_rejects_misspelt_dataset_keys_per_format():
-    from snakemake.exceptions import WorkflowError
+    from emotion_neurons.schema import ConfigError
 
     _validate(_config())
     for bad, key in (
@@ -85,22 +85,22 @@ def test_schema_rejects_misspelt_dataset_keys_per_format():
         ({"datasets": {"esd": {"max_utterances_per_emotions": 5}}}, "max_utterances_per_emotions"),
         ({"datasets": {"esd": {"ident_manifest": "x.jsonl"}}}, "ident_manifest"),  # an emobox key in esd
     ):
-        with pytest.raises(WorkflowError, match=key):
+        with pytest.raises(ConfigError, match=key):
             _validate(_config(bad))
     emobox = {"format": "emobox", "emotions": {"ang": "angry", "neu": "neutral"}, "ident_manifest": "a.jsonl",
               "eval_manifest": "b.jsonl", "wav_root": None}
     _validate(_config({"datasets": {"iemocap": emobox}}))
-    with pytest.raises(WorkflowError, match="ident_speakers"):
+    with pytest.raises(ConfigError, match="ident_speakers"):
         _validate(_config({"datasets": {"iemocap": {**emobox, "ident_speakers": ["1"]}}}))
-    with pytest.raises(WorkflowError, match="eval_manifest"):
+    with pytest.raises(ConfigError, match="eval_manifest"):
         _validate(_config({"datasets": {"iemocap": {k: v for k, v in emobox.items() if k != "eval_manifest"}}}))
 
 
 def test_schema_bootstrap_needs_enough_resamples():
-    from snakemake.exceptions import WorkflowError
+    from emotion_neurons.schema import ConfigError
 
     for n in (0, 1, 99):  # 0 used to pass the schema and then crash in the metrics stage
-        with pytest.raises(WorkflowError, match="bootstrap"):
+        with pytest.raises(ConfigError, match="bootstrap"):
             _validate(_config({"evaluate": {"bootstrap": n}}))
     _validate(_config({"evaluate": {"bootstrap": 100}}))
 

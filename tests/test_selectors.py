@@ -71,7 +71,7 @@ def test_budget_rounds_half_up_and_keeps_one() -> None:
 @pytest.mark.parametrize("method", ["cas", "mad", "lape"])
 def test_specific_selectors_recover_planted(planted, method: str) -> None:
     P, specific, general = planted
-    mask = select(P, method, R, lape_variant="argmax")
+    mask = select(P, method, R, **({"variant": "argmax"} if method == "lape" else {}))
     assert mask.dtype == bool and mask.shape == (E, L, N)
     assert _sets(mask) == specific
     assert not (set().union(*_sets(mask)) & general)
@@ -79,7 +79,7 @@ def test_specific_selectors_recover_planted(planted, method: str) -> None:
 
 def test_mad_signed_recovers_planted(planted) -> None:
     P, specific, _ = planted
-    assert _sets(select(P, "mad", R, mad_signed=True)) == specific
+    assert _sets(select(P, "mad", R, signed=True)) == specific
 
 
 def test_lap_picks_generally_active(planted) -> None:
@@ -94,9 +94,9 @@ def test_lape_argmax_prefilter_drops_rarely_active(planted) -> None:
     rare = next(i for i in range(L * N) if i not in set().union(*specific) and P[0].reshape(-1)[i] < 0.4)
     P.reshape(E, -1)[:, rare] = 0.0
     P.reshape(E, -1)[0, rare] = 0.01
-    assert rare in _sets(select(P, "lape", R, lape_variant="argmax", filter_rate=None))[0]
+    assert rare in _sets(select(P, "lape", R, variant="argmax", filter_rate=None))[0]
     # ... unless the pre-filter (the default, 0.95 order statistic of all P) keeps it out.
-    assert _sets(select(P, "lape", R, lape_variant="argmax")) == specific
+    assert _sets(select(P, "lape", R, variant="argmax")) == specific
 
 
 @pytest.mark.parametrize("variant", ["tang", "argmax"])
@@ -113,13 +113,13 @@ def test_lape_default_ignores_neurons_that_fired_once(variant: str) -> None:
         K.reshape(E_, -1)[:, planted[e]] = int(0.02 * T)
         K.reshape(E_, -1)[e, planted[e]] = int(0.9 * T)
     P = K / T
-    mask = select(P, "lape", 20 / (L_ * N_), lape_variant=variant)
+    mask = select(P, "lape", 20 / (L_ * N_), variant=variant)
     chosen = np.flatnonzero(mask.any(axis=0).reshape(-1))
     assert chosen.size and not np.isin(chosen, once).any()
     for e in range(E_):
         assert set(planted[e]) <= set(np.flatnonzero(mask[e].reshape(-1)))
     # the old default (no pre-filter) would have let them win
-    old = select(P, "lape", 20 / (L_ * N_), lape_variant="argmax", filter_rate=None)
+    old = select(P, "lape", 20 / (L_ * N_), variant="argmax", filter_rate=None)
     assert np.isin(np.flatnonzero(old.any(axis=0).reshape(-1)), once).sum() > 10
 
 
@@ -247,7 +247,7 @@ def _tied_design(L_: int = 8, N_: int = 400, E_: int = 4) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("method", "kw"), [("lap", {}), ("mad", {}), ("cas", {}),
-                                             ("lape", {"lape_variant": "tang"}), ("lape", {"lape_variant": "argmax"})])
+                                             ("lape", {"variant": "tang"}), ("lape", {"variant": "argmax"})])
 def test_ties_are_broken_uniformly_across_layers(method: str, kw: dict) -> None:
     """80 tied candidates per emotion (10 per layer) for 32 places: picks must spread evenly over the 8 layers;
     breaking ties by flat index would put every pick in layers 0-3."""
@@ -256,11 +256,11 @@ def test_ties_are_broken_uniformly_across_layers(method: str, kw: dict) -> None:
     for seed in range(30):
         mask, info = select_with_info(P, method, 0.01, seed=seed, **kw)  # budget / pool 32 of 3200
         counts += layer_distribution(mask).sum(axis=0)
-        if kw.get("lape_variant") != "tang":
+        if kw.get("variant") != "tang":
             assert all(t["tied"] == 80 and t["taken"] == 32 for t in info["ties"]), info["ties"]
         else:
             assert info["ties"][0]["tied"] == 320 and info["ties"][0]["taken"] == 32
-    assert counts.sum() == 30 * 32 * (4 if kw.get("lape_variant") != "tang" else 1)
+    assert counts.sum() == 30 * 32 * (4 if kw.get("variant") != "tang" else 1)
     assert chisquare(counts).pvalue > 1e-3, counts
     # seeded: the same seed gives the same mask, another seed a different one
     assert np.array_equal(select(P, method, 0.01, seed=7, **kw), select(P, method, 0.01, seed=7, **kw))
@@ -294,7 +294,7 @@ def test_mask_provenance_records_ties(tmp_path) -> None:
         g.create_array(name, shape=arr.shape, dtype=arr.dtype)[:] = arr
     g.create_array("T", shape=(4,), dtype=np.int64)[:] = 100
     g.attrs.update({"emotions": ["a", "b", "c", "d"], "task": "ser"})
-    params = {"selector": "lap", "r": 0.01, "mask_seed": 3, "scope": "global", "lape": {}}
+    params = {"selector": "lap", "r": 0.01, "mask_seed": 3, "scope": "global", "params": {}}
     out = tmp_path / "lap-r0.01.safetensors"
     assert main(["--params", json.dumps(params), "--aggregate", str(agg), "--out", str(out)]) == 0
     mask, meta = load_mask(out)
@@ -316,7 +316,7 @@ def test_cas_only_positive_scores() -> None:
 
 def test_lape_argmax_assigns_to_argmax_only(planted) -> None:
     P, _, _ = planted
-    mask = select(P, "lape", 0.2, lape_variant="argmax", filter_rate=None)
+    mask = select(P, "lape", 0.2, variant="argmax", filter_rate=None)
     assert not (mask.sum(axis=0) > 1).any()
     owner = P.argmax(axis=0)
     for e in range(E):
@@ -368,7 +368,7 @@ def test_save_rejects_mismatched_emotions(tmp_path) -> None:
     [
         (
             dict(method="bogus"),
-            r"unknown selector method 'bogus'; valid methods: lap, lape, mad, cas",
+            r"unknown selector method 'bogus'; valid methods: cas, lap, lape, mad",
         ),
         (dict(r=0.0), r"r must lie in \(0, 1\]"),
         (dict(r=1.5), r"r must lie in \(0, 1\]"),
@@ -377,7 +377,7 @@ def test_save_rejects_mismatched_emotions(tmp_path) -> None:
         (dict(P=np.array([[[np.nan]], [[0.1]]])), r"NaN"),
         (dict(scope="layer"), r"unknown scope 'layer'"),
         (dict(M=np.zeros((1, 1, 1))), r"M must have the shape of P"),
-        (dict(method="lape", lape_variant="x"), r"unknown lape variant 'x'; valid variants: tang, argmax"),
+        (dict(method="lape", variant="x"), r"unknown lape variant 'x'; valid variants: tang, argmax"),
         (dict(method="lape", filter_rate=2.0), r"lape filter_rate must lie in \(0, 1\]"),
         (dict(method="lape", top_rate=0.0), r"lape top_rate must lie in \(0, 1\]"),
         (dict(method="lape", activation_bar_ratio=None), r"activation_bar_ratio must be a number"),
@@ -412,7 +412,9 @@ def test_schema_select_and_evaluate_keys() -> None:
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    schema = yaml.safe_load((root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    from emotion_neurons.schema import config_schema
+
+    schema = config_schema()  # the registries' names injected
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     jsonschema.validate(cfg, schema)
     assert cfg["select"]["lape"]["variant"] == "tang" and cfg["select"]["random"] == {"match": "layers", "seeds": 5}

@@ -69,7 +69,7 @@ def _adapter_files(adapter: str | None) -> list[Path]:
         return sorted(models.glob("*.py"))
     from .models import entry
 
-    return [_module_file(entry(adapter).target.split(":")[0].split(".", 1)[1])]
+    return [entry(adapter).file]
 
 
 def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
@@ -92,7 +92,9 @@ def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
             todo.extend(_package_imports(f))
         if f == PACKAGE_DIR / "models" / "__init__.py":
             todo.extend(_adapter_files(adapter))
-    return sorted(seen)
+    from .registry import plugin_files
+
+    return sorted(seen | set(plugin_files()))
 
 
 @functools.cache
@@ -105,7 +107,7 @@ def code_version(stage: str, adapter: str | None = None) -> str:
     """
     h = hashlib.sha256()
     for f in stage_files(stage, adapter):
-        h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+        h.update(str(f.relative_to(PACKAGE_DIR) if f.is_relative_to(PACKAGE_DIR) else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
@@ -279,24 +281,10 @@ def stage1_key(config: dict[str, Any], task: str) -> str:
 
 
 def adapter_input_window(adapter: str) -> float | None:
-    """`max_audio_seconds` of an adapter class, read from its source so the Snakefile need not import torch.
-
-    The class attribute must be a literal (number or None) in the class body; absent means the base's None.
-    """
+    """`max_audio_seconds` of an adapter, from its declaration (read without importing torch)."""
     from .models import entry
 
-    module, cls = entry(adapter).target.split(":")
-    path = _module_file(module.split(".", 1)[1])
-    tree = ast.parse(path.read_text(), filename=str(path))
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            for stmt in node.body:
-                targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
-                if any(isinstance(t, ast.Name) and t.id == "max_audio_seconds" for t in targets) and stmt.value:
-                    value = ast.literal_eval(stmt.value)
-                    return None if value is None else float(value)
-            return None
-    raise KeyError(f"class {cls} not found in {path}")
+    return entry(adapter).max_audio_seconds
 
 
 #: results/<run_name> must stay inside results/ and apart from the stage-1 cache

@@ -16,19 +16,26 @@ neurons shared the score at the cut-off (`tied`) and how many of them were taken
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-#: Selectors that score P; "random" (the matched control of another selector's mask) is listed in METHODS.
-SELECTORS: tuple[str, ...] = ("lap", "lape", "mad", "cas")
-METHODS: tuple[str, ...] = (*SELECTORS, "random")
+from .registry import Registry
+
+#: A selector turns P [E, L, N] into a mask [E, L, N] and an info dict (`ties` per emotion, extras under its
+#: name): `fn(P, r, scope, seed, **params)`. Add one with `@selector` (full control) or `@ranking` (a
+#: per-emotion score, ranked here); its keyword parameters are config `select.<name>`.
+SELECTORS: Registry[Selector] = Registry("selector")
+#: The matched control of another selector's mask (not a selector of P; see `random_control`).
+RANDOM = "random"
 SCOPES: tuple[str, ...] = ("global", "per_layer")
 LAPE_VARIANTS: tuple[str, ...] = ("tang", "argmax")
 RANDOM_MATCH: tuple[str, ...] = ("layers", "size")
@@ -78,10 +85,10 @@ def _check_rate(name: str, value: float | None, allow_none: bool) -> None:
 
 
 def _validate(P: np.ndarray, method: str, r: float, scope: str, M: np.ndarray | None) -> np.ndarray:
-    if method == "random":
+    if method == RANDOM:
         raise ValueError("'random' is a control of another selector's mask: use random_control(mask, seed, match)")
     if method not in SELECTORS:
-        raise ValueError(f"unknown selector method {method!r}; valid methods: {', '.join(SELECTORS)}")
+        raise ValueError(f"unknown selector method {method!r}; valid methods: {', '.join(SELECTORS.names())}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
     if isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)):
@@ -119,35 +126,6 @@ def entropy(P: np.ndarray) -> np.ndarray:
         pt = np.where(fires[None], P / np.where(fires, total, 1.0)[None], 0.0)
         plogp = np.where(pt > 0, pt * np.log(np.where(pt > 0, pt, 1.0)), 0.0)
     return -plogp.sum(axis=0)
-
-
-def _scores(P: np.ndarray, method: str, mad_signed: bool, filter_rate: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Score [E, L, N] (higher = more specific) and eligibility [E, L, N] for a per-emotion ranking."""
-    E = P.shape[0]
-    if method == "lap":
-        return P, np.ones(P.shape, dtype=bool)
-    if method == "mad":
-        dev = P - P.mean(axis=0, keepdims=True)
-        return (dev if mad_signed else np.abs(dev)), np.ones(P.shape, dtype=bool)
-    if method == "cas":
-        # Top two emotions per neuron; a tie for the top gives gap 0, so no emotion owns that neuron.
-        order = np.argsort(-P, axis=0, kind="stable")
-        e1 = order[0]
-        p_sorted = np.take_along_axis(P, order[:2], axis=0)
-        gap = p_sorted[0] - p_sorted[1]
-        is_top = np.arange(E)[:, None, None] == e1[None]
-        score = np.where(is_top, gap[None], 0.0)
-        return score, score > 0
-    if method == "lape":  # variant argmax
-        H = entropy(P)
-        keep = _lape_eligible(P, filter_rate)
-        top2 = np.sort(P, axis=0)[-2:]
-        unique_max = top2[1] > top2[0]  # a maximum shared by two emotions has no owner
-        owner = np.argmax(P, axis=0)
-        mine = np.arange(E)[:, None, None] == owner[None]
-        score = np.broadcast_to(-H, P.shape)
-        return score, mine & (keep & unique_max)[None]
-    raise AssertionError(method)  # unreachable: validated
 
 
 def _lape_eligible(P: np.ndarray, filter_rate: float | None) -> np.ndarray:
@@ -215,6 +193,189 @@ def _tie_keys(seed: int, size: int, stream: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(stream)]).permutation(size)
 
 
+# ---------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A registered selector: `fn(P, r, scope, seed, **params) -> (mask, info)` and its parameters.
+
+    `params` maps each keyword parameter of `fn` to the JSON-schema of its config value under
+    `select.<name>`; defaults come from `fn`'s signature, so they are written once.
+    """
+
+    name: str
+    fn: Callable[..., tuple[np.ndarray, dict[str, Any]]]
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def defaults(self) -> dict[str, Any]:
+        sig = inspect.signature(self.fn).parameters
+        return {k: sig[k].default for k in self.params}
+
+    def schema(self) -> dict[str, Any]:
+        """JSON-schema of `select.<name>` (injected into the config schema at start-up)."""
+        d = self.defaults()
+        props = {k: {**s, "default": d[k]} for k, s in self.params.items()}
+        return {"type": "object", "additionalProperties": False, "default": {}, "properties": props}
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The defaults updated by `params`; an unknown parameter is an error naming the selector."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise ValueError(
+                f"selector {self.name!r} has no parameter(s) {unknown} (config select.{self.name}); "
+                f"it takes: {', '.join(self.params) or 'none'}"
+            )
+        return {**self.defaults(), **params}
+
+
+def _check_declared(name: str, fn: Callable[..., Any], params: dict[str, dict[str, Any]], skip: int) -> None:
+    sig = list(inspect.signature(fn).parameters.values())[skip:]
+    kw = {p.name for p in sig if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    if kw != set(params) or any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in sig):
+        raise TypeError(
+            f"selector {name!r}: after {skip} positional argument(s) take exactly the declared parameters "
+            f"{sorted(params)} as keyword-only arguments with defaults, got {[p.name for p in sig]}"
+        )
+    if any(p.default is inspect.Parameter.empty for p in sig):
+        raise TypeError(f"selector {name!r}: every parameter needs a default")
+
+
+def selector(name: str, params: dict[str, dict[str, Any]] | None = None) -> Callable[[Any], Any]:
+    """Register `fn(P, r, scope, seed, *, <params>) -> (mask [E, L, N], info)`; `info["ties"]` per emotion."""
+
+    def add(fn: Callable[..., tuple[np.ndarray, dict[str, Any]]]) -> Callable[..., Any]:
+        _check_declared(name, fn, dict(params or {}), 4)
+        SELECTORS.register(name, Selector(name, fn, dict(params or {})))
+        return fn
+
+    return add
+
+
+def ranking(name: str, params: dict[str, dict[str, Any]] | None = None) -> Callable[[Any], Any]:
+    """Register a per-emotion ranking: `score(P, *, <params>) -> (score, eligible)`, both [E, L, N].
+
+    Each emotion keeps its `budget(r, size)` best eligible neurons (higher score first; ties broken by a
+    seeded permutation), over all layers (`scope="global"`) or in every layer (`"per_layer"`).
+    """
+
+    def add(score_fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> Callable[..., Any]:
+        _check_declared(name, score_fn, dict(params or {}), 1)
+
+        def fn(P: np.ndarray, r: float, scope: str, seed: int, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
+            score, eligible = score_fn(P, **kw)
+            return rank_per_emotion(score, eligible, r, scope, seed)
+
+        fn.__signature__ = inspect.signature(score_fn).replace(  # type: ignore[attr-defined]
+            parameters=[
+                *(inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in ("P", "r", "scope", "seed")),
+                *list(inspect.signature(score_fn).parameters.values())[1:],
+            ]
+        )
+        SELECTORS.register(name, Selector(name, fn, dict(params or {})))
+        return score_fn
+
+    return add
+
+
+def rank_per_emotion(
+    score: np.ndarray, eligible: np.ndarray, r: float, scope: str, seed: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Mask [E, L, N] of each emotion's best `r` eligible neurons, and the tie counts per emotion."""
+    E, L, N = score.shape
+    mask = np.zeros((E, L, N), dtype=bool)
+    info: dict[str, Any] = {"tie_seed": int(seed), "ties": []}
+    for e in range(E):
+        mask[e], tie = _ranked(score[e], eligible[e], float(r), scope, _tie_keys(seed, L * N, e))
+        info["ties"].append(tie)
+    return mask, info
+
+
+_RATE = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1}
+
+
+@ranking("lap")
+def lap(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Highest activation probability per emotion."""
+    return P, np.ones(P.shape, dtype=bool)
+
+
+@ranking("mad", params={"signed": {"type": "boolean"}})
+def mad(P: np.ndarray, *, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Largest deviation of P_e from the mean over emotions (|.| unless `signed`)."""
+    dev = P - P.mean(axis=0, keepdims=True)
+    return (dev if signed else np.abs(dev)), np.ones(P.shape, dtype=bool)
+
+
+@ranking("cas")
+def cas(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gap between the top two emotions, owned by the top one; a tie for the top gives gap 0 (no owner)."""
+    E = P.shape[0]
+    order = np.argsort(-P, axis=0, kind="stable")
+    e1 = order[0]
+    p_sorted = np.take_along_axis(P, order[:2], axis=0)
+    gap = p_sorted[0] - p_sorted[1]
+    is_top = np.arange(E)[:, None, None] == e1[None]
+    score = np.where(is_top, gap[None], 0.0)
+    return score, score > 0
+
+
+@selector(
+    "lape",
+    params={
+        "variant": {"enum": list(LAPE_VARIANTS)},
+        "filter_rate": _RATE,
+        "top_rate": _RATE,
+        "activation_bar_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    },
+)
+def lape(
+    P: np.ndarray,
+    r: float,
+    scope: str,
+    seed: int,
+    *,
+    variant: str = "tang",
+    filter_rate: float | None = 0.95,
+    top_rate: float | None = None,
+    activation_bar_ratio: float = 0.95,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Language-activation-probability entropy (Tang et al. 2024): `tang` (shared pool) or `argmax`."""
+    if variant not in LAPE_VARIANTS:
+        raise ValueError(f"unknown lape variant {variant!r}; valid variants: {', '.join(LAPE_VARIANTS)}")
+    _check_rate("lape filter_rate", filter_rate, allow_none=True)
+    _check_rate("lape top_rate", top_rate, allow_none=True)
+    _check_rate("lape activation_bar_ratio", activation_bar_ratio, allow_none=variant != "tang")
+    E, L, N = P.shape
+    if variant == "tang":
+        eligible = _lape_eligible(P, filter_rate)
+        keys = _tie_keys(seed, L * N, 1 << 20)  # the shared pool: its own stream
+        pool, tie = _ranked(-entropy(P), eligible, float(top_rate if top_rate is not None else r), scope, keys)
+        bar = order_statistic(P, activation_bar_ratio)
+        mask = np.zeros((E, L, N), dtype=bool)
+        mask[:] = pool[None] & (P > bar)
+        info: dict[str, Any] = {"tie_seed": int(seed), "ties": [dict(tie) for _ in range(E)]}  # one pool, one cut-off
+        info["lape"] = {
+            "variant": "tang",
+            "filter_bar": order_statistic(P, filter_rate) if filter_rate is not None else None,
+            "activation_bar": bar,
+            "n_eligible": int(eligible.sum()),
+            "pool_size": int(pool.sum()),
+            "unassigned": int((pool & ~mask.any(axis=0)).sum()),
+        }
+        return mask, info
+    # argmax: budget r per emotion, lowest entropy first, among eligible neurons whose unique argmax is e
+    H = entropy(P)
+    keep = _lape_eligible(P, filter_rate)
+    top2 = np.sort(P, axis=0)[-2:]
+    unique_max = top2[1] > top2[0]  # a maximum shared by two emotions has no owner
+    owner = np.argmax(P, axis=0)
+    mine = np.arange(E)[:, None, None] == owner[None]
+    mask, info = rank_per_emotion(np.broadcast_to(-H, P.shape), mine & (keep & unique_max)[None], r, scope, seed)
+    info["lape"] = {"variant": "argmax", "filter_bar": order_statistic(P, filter_rate) if filter_rate else None}
+    return mask, info
+
+
 # ---------------------------------------------------------------------------------------- select
 
 
@@ -226,59 +387,32 @@ def select_with_info(
     seed: int = 0,
     *,
     M: np.ndarray | None = None,
-    mad_signed: bool = False,
-    lape_variant: str = "tang",
-    filter_rate: float | None = 0.95,
-    top_rate: float | None = None,
-    activation_bar_ratio: float = 0.95,
+    **params: Any,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Boolean mask [E, L, N] of the neurons `method` finds most specific to each emotion, and its provenance.
 
-    `P` is the activation probability [E, L, N]. Per-emotion selectors keep `budget(r, L * N)` neurons
-    ranked over all layers jointly (`scope="global"`) or `budget(r, N)` in every layer (`"per_layer"`);
-    `cas` and `lape` may keep fewer (only strictly positive contrasts / eligible, owned neurons count).
-    `seed` seeds the tie-breaking permutation. `lape_variant="tang"`: neurons with some P_e strictly above
-    the `filter_rate` order statistic of all P are eligible; the `top_rate` (default `r`) fraction of all
-    neurons with the lowest entropy forms one pool; a pooled neuron belongs to every emotion whose P_e is
-    strictly above the `activation_bar_ratio` order statistic of all P. `lape_variant="argmax"`: budget `r`
-    per emotion, lowest entropy first, among the eligible neurons whose unique argmax emotion is e
+    `P` is the activation probability [E, L, N]; `method` a name in `SELECTORS`, `params` its parameters
+    (config `select.<method>`, defaults from its signature). Ranking selectors keep `budget(r, L * N)`
+    neurons per emotion ranked over all layers jointly (`scope="global"`) or `budget(r, N)` in every layer
+    (`"per_layer"`); `cas` and `lape` may keep fewer (only strictly positive contrasts / eligible, owned
+    neurons count). `seed` seeds the tie-breaking permutation. `lape` variant `tang`: neurons with some P_e
+    strictly above the `filter_rate` order statistic of all P are eligible; the `top_rate` (default `r`)
+    fraction of all neurons with the lowest entropy forms one pool; a pooled neuron belongs to every emotion
+    whose P_e is strictly above the `activation_bar_ratio` order statistic of all P. Variant `argmax`: budget
+    `r` per emotion, lowest entropy first, among the eligible neurons whose unique argmax emotion is e
     (`filter_rate=None` turns the pre-filter off). `M` is shape-checked; no selector of METHOD.md uses it.
-    The info dict holds `ties` (per emotion index: cutoff, tied, taken, eligible) and, for tang, `lape`.
+    The info dict holds `ties` (per emotion index: cutoff, tied, taken, eligible) and selector extras.
     """
     P = _validate(P, method, r, scope, M)
-    if method == "lape":
-        if lape_variant not in LAPE_VARIANTS:
-            raise ValueError(f"unknown lape variant {lape_variant!r}; valid variants: {', '.join(LAPE_VARIANTS)}")
-        _check_rate("lape filter_rate", filter_rate, allow_none=True)
-        _check_rate("lape top_rate", top_rate, allow_none=True)
-        _check_rate("lape activation_bar_ratio", activation_bar_ratio, allow_none=lape_variant != "tang")
-    E, L, N = P.shape
-    mask = np.zeros((E, L, N), dtype=bool)
-    info: dict[str, Any] = {"tie_seed": int(seed), "ties": []}
-
-    if method == "lape" and lape_variant == "tang":
-        eligible = _lape_eligible(P, filter_rate)
-        keys = _tie_keys(seed, L * N, 1 << 20)  # the shared pool: its own stream
-        pool, tie = _ranked(-entropy(P), eligible, float(top_rate if top_rate is not None else r), scope, keys)
-        bar = order_statistic(P, activation_bar_ratio)
-        mask[:] = pool[None] & (P > bar)
-        info["ties"] = [dict(tie) for _ in range(E)]  # one shared pool, one cut-off
-        info["lape"] = {
-            "variant": "tang",
-            "filter_bar": order_statistic(P, filter_rate) if filter_rate is not None else None,
-            "activation_bar": bar,
-            "n_eligible": int(eligible.sum()),
-            "pool_size": int(pool.sum()),
-            "unassigned": int((pool & ~mask.any(axis=0)).sum()),
-        }
-        return mask, info
-
-    score, eligible = _scores(P, method, mad_signed, filter_rate if method == "lape" else None)
-    for e in range(E):
-        mask[e], tie = _ranked(score[e], eligible[e], float(r), scope, _tie_keys(seed, L * N, e))
-        info["ties"].append(tie)
-    if method == "lape":
-        info["lape"] = {"variant": "argmax", "filter_bar": order_statistic(P, filter_rate) if filter_rate else None}
+    sel = SELECTORS[method]
+    mask, info = sel.fn(P, float(r), scope, int(seed), **sel.check_params(params))
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != P.shape or len(info.get("ties", ())) != P.shape[0]:
+        raise ValueError(
+            f"selector {method!r} returned a mask of shape {mask.shape} and {len(info.get('ties', ()))} tie "
+            f"records; expected {P.shape} and one per emotion"
+        )
+    info.setdefault("tie_seed", int(seed))
     return mask, info
 
 

@@ -4,14 +4,14 @@ import os
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
 from emotion_neurons.stages import judge as _judge  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
 from emotion_neurons.retry import SHELL_GUARD, SHELL_RECORD  # noqa: E402
+from emotion_neurons.schema import validate_config  # noqa: E402
+from emotion_neurons.selectors import SELECTORS  # noqa: E402
 from emotion_neurons.config import (  # noqa: E402
     adapter_input_window,
     check_run_name,
@@ -30,11 +30,20 @@ if "spans" in (config.get("aggregate") or {}):
     )
 if config.get("aggregate") == {}:  # an empty leftover section of older configs
     del config["aggregate"]
-validate(config, schema="../schemas/config.schema.yaml")
+if "mad_signed" in (config.get("select") or {}):
+    raise ValueError(
+        "config key select.mad_signed was replaced by select.mad.signed (a selector's parameters live under "
+        "select.<selector>); move the setting there"
+    )
+# the schema's name lists (selectors, adapters, components, hook sites) come from the registries
+validate_config(
+    config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+)
 
 RUN = f"results/{check_run_name(config['run_name'])}"
-# mask file names: a selector's `<selector>-r<r>`, a random control's `random-<selector>-r<r>-s<seed>`
-SELECTOR_MASK = r"[a-z]+-r[0-9.e-]+"
+# mask file names: a selector's `<selector>-r<r>`, a random control's `random-<selector>-r<r>-s<seed>`;
+# the selector names come from the registry (a name may hold `_`, never the `-` between fields)
+SELECTOR_MASK = rf"(?:{SELECTORS.pattern()})-r[0-9.e-]+"
 
 CACHE = "results/cache/stage1"
 # rules run `python -m emotion_neurons.stages.<stage>` from this checkout (also inside cluster jobs, which re-read
@@ -111,6 +120,16 @@ def mask_spec(name):
             f"mask {name!r} is not in the grid of select.selectors x select.r"
         )
     return {k: v for k, v in m.items() if k != "source_mask"}
+
+
+def select_params(name):
+    """A selector mask job's params: its grid entry, scope and the selector's own section `select.<selector>`."""
+    spec = mask_spec(name)
+    return {
+        **spec,
+        "scope": config["select"].get("scope"),
+        "params": config["select"].get(spec["selector"], {}),
+    }
 
 
 def conditions(task):

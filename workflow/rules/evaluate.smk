@@ -14,14 +14,7 @@ rule select:
     conda:
         "../../envs/core.yaml"
     params:
-        p=lambda wc: dumps(
-            {
-                **mask_spec(wc.mask),
-                **{k: config["select"].get(k) for k in ("scope", "mad_signed")},
-                "lape": config["select"].get("lape", {}),
-                "code": code_version("select"),
-            }
-        ),
+        p=lambda wc: dumps({**select_params(wc.mask), "code": code_version("select")}),
     shell:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.select --params {params.p:q} --aggregate {input} --out {output.mask} > {log} 2>&1"
 

@@ -47,6 +47,7 @@ class AudioFlamingo3Adapter(ModelAdapter):
 
     name = "audio_flamingo3"
     tasks = ("ser",)
+    env = "models-tf5"
     input_sample_rate = 16000
     components = {
         # 5.x runtime: model.language_model.layers.{i}.mlp; 4.x style (Qwen2ForCausalLM): language_model.model.layers

@@ -17,15 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..sites import HOOK_SITES
 from ..types import GenerationOutput, GenerationSettings, Instance
 
-#: Hook sites inside one SwiGLU MLP (METHOD.md section 2). Each maps to (submodule name, hook kind).
+#: Hook sites inside one SwiGLU MLP (METHOD.md section 2, `emotion_neurons.sites`): (submodule, hook kind).
 #: "forward" hooks see/replace the submodule output; "pre" hooks see/replace its first input.
-SITE_SUBMODULES: dict[str, tuple[str, str]] = {
-    "gate": ("act_fn", "forward"),
-    "pre_act": ("gate_proj", "forward"),
-    "gated_product": ("down_proj", "pre"),
-}
+SITE_SUBMODULES: dict[str, tuple[str, str]] = {k: (s.submodule, s.kind) for k, s in HOOK_SITES.items()}
 
 
 @dataclass
@@ -52,10 +49,16 @@ class LayerSite:
 class ModelAdapter(ABC):
     """Base class. Subclasses set the class attributes and implement the abstract methods."""
 
+    #: Declaration: `name`, `tasks`, `env`, `hook_sites`, `components` (its keys) and `max_audio_seconds` are
+    #: plain literals in the class body, read without importing torch (`emotion_neurons.models.declare`).
     #: registry name used in config.yaml (`model.adapter`)
     name: str = ""
     #: tasks this model supports ("evc" needs speech output)
     tasks: tuple[str, ...] = ("ser",)
+    #: environment file under envs/ (without .yaml) that can run this adapter (the GPU rules' `conda:`)
+    env: str = ""
+    #: hook sites (`emotion_neurons.sites.HOOK_SITES`) this adapter supports; None = all of them
+    hook_sites: tuple[str, ...] | None = None
     #: sample rate the model's audio encoder expects
     input_sample_rate: int = 16000
     #: component -> regex matching the full names of that component's decoder MLP modules; group 1 = layer index

@@ -84,6 +84,7 @@ class KimiAudioAdapter(ModelAdapter):
 
     name = "kimi_audio"
     tasks = ("evc", "ser")
+    env = "models-kimi"
     input_sample_rate = 16000
     output_sample_rate = OUTPUT_SAMPLE_RATE
     components = {

@@ -280,6 +280,7 @@ class MiniCPMOAdapter(ModelAdapter):
 
     name = "minicpm_o"
     tasks = ("evc", "ser")
+    env = "models-minicpm"
     input_sample_rate = 16000
     output_sample_rate = OUTPUT_SAMPLE_RATE
     components = {

@@ -156,6 +156,7 @@ class QwenOmniAdapter(ModelAdapter):
 
     name = "qwen2_5_omni"
     tasks = ("evc", "ser")
+    env = "models-tf5"
     input_sample_rate = 16000
     output_sample_rate = OUTPUT_SAMPLE_RATE
     components = {

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ..config import load_params
-from ..selectors import load_mask, random_control, save_mask, select_with_info
+from ..selectors import RANDOM, SELECTORS, load_mask, random_control, save_mask, select_with_info
 from ..stats import load_aggregate
 
 log = logging.getLogger(__name__)
@@ -21,24 +21,23 @@ def _named_ties(info: dict[str, Any], emotions: list[str]) -> dict[str, Any]:
 
 
 def select_mask(p: dict[str, Any], aggregate: str, out: str) -> None:
+    """The mask of selector `p["selector"]` with its parameters `p["params"]` (config `select.<selector>`)."""
     arrays, attrs = load_aggregate(aggregate)
     P = arrays["P"]
     emotions = [str(e) for e in attrs["emotions"]]
-    lape = p.get("lape") or {}
+    name = p["selector"]
+    params = SELECTORS[name].check_params(dict(p.get("params") or {}))
     mask, info = select_with_info(
-        P, p["selector"], float(p["r"]), p.get("scope", "global"), int(p.get("mask_seed", 0)),
-        M=arrays.get("M"), mad_signed=bool(p.get("mad_signed", False)),
-        lape_variant=lape.get("variant", "tang"), filter_rate=lape.get("filter_rate", 0.95),
-        top_rate=lape.get("top_rate"), activation_bar_ratio=lape.get("activation_bar_ratio", 0.95),
+        P, name, float(p["r"]), p.get("scope", "global"), int(p.get("mask_seed", 0)), M=arrays.get("M"), **params
     )
     prov = {
         **{k: attrs.get(k) for k in ("model_id", "revision", "component", "hook_site", "spans", "n_instances", "task", "filter")},
-        "selector": p["selector"], "r": p["r"], "scope": p.get("scope", "global"), "seed": p.get("mask_seed", 0),
+        "selector": name, "r": p["r"], "scope": p.get("scope", "global"), "seed": p.get("mask_seed", 0),
         "data_hash": hashlib.sha256(P.tobytes()).hexdigest()[:16],
         "ties": _named_ties(info, emotions),
     }
-    if p["selector"] == "lape":
-        prov["lape"] = {**lape, **info.get("lape", {})}
+    if params or name in info:  # the selector's parameters and what it reports about itself
+        prov[name] = {**params, **info.get(name, {})}
     save_mask(out, mask, emotions, prov)
     log.info("%s: %s neurons per emotion", out, mask.reshape(mask.shape[0], -1).sum(1).tolist())
 
@@ -69,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
     if a.control_of:
-        if p.get("selector") != "random":
+        if p.get("selector") != RANDOM:
             raise ValueError(f"--control-of is for random controls, but the params name selector {p.get('selector')!r}")
         control_mask(p, a.control_of, a.out)
     else:
-        if p.get("selector") == "random":
+        if p.get("selector") == RANDOM:
             raise ValueError("a random control needs --control-of <selector mask>, not --aggregate")
         select_mask(p, a.aggregate, a.out)
     return 0
