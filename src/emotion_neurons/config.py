@@ -43,10 +43,13 @@ def _module_file(name: str) -> Path | None:
 def _package_imports(path: Path) -> set[Path]:
     """Package-internal modules imported anywhere in `path` (lazy imports inside functions included)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    pkg = path.parent.relative_to(PACKAGE_DIR).parts
+    inside = path.is_relative_to(PACKAGE_DIR)  # a plugin's file imports the package absolutely
+    pkg = path.parent.relative_to(PACKAGE_DIR).parts if inside else ()
     found: set[Path] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
+            if not inside:
+                continue
             base = list(pkg[: len(pkg) - node.level + 1]) if node.level > 1 else list(pkg)
             mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
             names = [mod] if node.module else []
