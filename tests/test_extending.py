@@ -169,3 +169,32 @@ def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin
     params["params"] = {}
     main(["--params", json.dumps(params), "--aggregate", str(agg), "--out", str(mask_file)])
     assert load_mask(mask_file)[0][0, 0].tolist() == [True, True, False, False]
+
+
+def test_mask_export_reads_with_json_alone_and_matches_the_mask(tmp_path):
+    """A TransformerLens / nnsight user reads neuron ids per emotion and layer without this package."""
+    from emotion_neurons.selectors import export_path, save_mask
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((3, 4, 50)) < 0.1
+    target = tmp_path / "lap-r0.1.safetensors"
+    save_mask(target, mask, ["angry", "happy", "sad"],
+              {"selector": "lap", "r": 0.1, "hook_site": "gated_product", "component": "thinker", "model_id": "m"})
+    assert export_path(target) == tmp_path / "lap-r0.1.neurons.json"
+    code = textwrap.dedent("""
+        import json, sys
+        d = json.load(open(sys.argv[1]))
+        print(json.dumps({"ids": d["neurons"], "tl": d["hook_site_aliases"]["transformer_lens"],
+                          "shape": [len(d["emotions"]), d["n_layers"], d["n_neurons"]]}))
+    """)
+    # a bare interpreter: no site packages, no numpy, no emotion_neurons on the path
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(export_path(target))],
+                         capture_output=True, text=True, check=True, env={})
+    got = json.loads(res.stdout)
+    assert got["shape"] == [3, 4, 50] and got["tl"] == "blocks.{layer}.mlp.hook_post"
+    for i, e in enumerate(["angry", "happy", "sad"]):
+        for layer in range(4):
+            assert got["ids"][e][layer] == np.flatnonzero(mask[i, layer]).tolist(), (e, layer)
+    # the provenance sidecar names the site in TransformerLens's vocabulary too
+    assert load_mask(target)[1]["hook_site_aliases"] == {"module": "down_proj.input",
+                                                         "transformer_lens": "blocks.{layer}.mlp.hook_post"}

@@ -347,14 +347,15 @@ def test_save_load_round_trip(tmp_path, planted) -> None:
     assert meta["selector"] == "cas" and meta["scope"] == "global" and meta["seed"] == 0 and meta["c"] == 50
     assert meta["counts"] == {e: PLANT for e in emotions}
     assert meta["counts_per_layer"]["angry"] == [2, 2, 2]
-    assert sorted(p.name for p in path.parent.iterdir()) == ["cas-r0.01.json", "cas-r0.01.safetensors"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "cas-r0.01.json", "cas-r0.01.neurons.json", "cas-r0.01.safetensors"]
     assert json.loads(meta_path(path).read_text())["r"] == R
     # Overwrite atomically; still no temp files; metadata embedded in the header survives a lost sidecar.
     save_mask(path, ~mask, emotions, {"selector": "x"})
     meta_path(path).unlink()
     got, meta = load_mask(path)
     assert np.array_equal(got, ~mask) and meta["selector"] == "x"
-    assert [p.name for p in path.parent.iterdir()] == ["cas-r0.01.safetensors"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cas-r0.01.neurons.json", "cas-r0.01.safetensors"]
 
 
 def test_save_rejects_mismatched_emotions(tmp_path) -> None:

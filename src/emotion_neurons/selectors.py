@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .registry import Registry
+from .sites import HOOK_SITES, aliases
 
 #: A selector turns P [E, L, N] into a mask [E, L, N] and an info dict (`ties` per emotion, extras under its
 #: name): `fn(P, r, scope, seed, **params)`. Add one with `@selector` (full control) or `@ranking` (a
@@ -494,6 +495,34 @@ def meta_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".json")
 
 
+def export_path(path: str | os.PathLike[str]) -> Path:
+    """Plain-JSON neuron list beside a mask file: `<path minus .safetensors>.neurons.json`."""
+    p = Path(path)
+    return p.with_suffix(".neurons.json") if p.suffix == ".safetensors" else p.with_name(p.name + ".neurons.json")
+
+
+#: format tag of the neuron export (readable with `json` alone, no numpy, safetensors or this package)
+EXPORT_FORMAT = "emotion-neurons/neuron-ids/v1"
+
+
+def neuron_export(mask: np.ndarray, emotions: Sequence[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """`neurons[emotion][layer]`: sorted neuron indices of that layer's MLP, plus where to hook them.
+
+    `hook_site_aliases.transformer_lens` is the TransformerLens hook name (`blocks.{layer}.mlp.hook_pre` for
+    `pre_act`, `...hook_post` for `gated_product`; null for `gate`, which TransformerLens does not expose).
+    """
+    E, L, N = mask.shape
+    return {
+        "format": EXPORT_FORMAT,
+        "emotions": list(emotions),
+        "n_layers": int(L),
+        "n_neurons": int(N),
+        **{k: meta.get(k) for k in ("model_id", "revision", "component", "hook_site", "hook_site_aliases",
+                                    "selector", "r", "control_of")},
+        "neurons": {e: [np.flatnonzero(mask[i, layer]).tolist() for layer in range(L)] for i, e in enumerate(emotions)},
+    }
+
+
 def _atomic_write(target: Path, write: Any) -> None:
     """Call `write(tmp_path)` on a temp file beside `target`, then rename it over `target`."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -513,7 +542,8 @@ def save_mask(
     emotions: Sequence[str],
     provenance: dict[str, Any],
 ) -> None:
-    """Write mask [E, L, N] (uint8 tensor "mask") and its JSON provenance, each atomically.
+    """Write mask [E, L, N] (uint8 tensor "mask"), its JSON provenance and the plain neuron export
+    (`export_path`, see `neuron_export`), each atomically.
 
     The JSON carries emotions, selector, r, scope, seed (from `provenance`, None if absent), the counts per
     emotion and per layer, and every other key of `provenance`; the same JSON is embedded in the
@@ -544,6 +574,8 @@ def save_mask(
     for key, value in provenance.items():
         if key not in ("emotions", "shape", "counts", "counts_per_layer"):
             meta[key] = value
+    if meta.get("hook_site") in HOOK_SITES:  # the site's names in TransformerLens / module paths
+        meta["hook_site_aliases"] = aliases(meta["hook_site"])
     text = json.dumps(meta, indent=2, sort_keys=False, default=_json_default)
 
     target = Path(path)
@@ -556,6 +588,13 @@ def save_mask(
             fh.write(text + "\n")
 
     _atomic_write(meta_path(target), _write_json)
+    export = json.dumps(neuron_export(mask, emotions, meta), default=_json_default)
+
+    def _write_export(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(export + "\n")
+
+    _atomic_write(export_path(target), _write_export)
 
 
 def load_mask(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:

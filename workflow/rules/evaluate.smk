@@ -7,6 +7,7 @@ rule select:
     output:
         mask=f"{RUN}/{{task}}/masks/{{mask}}.safetensors",
         meta=f"{RUN}/{{task}}/masks/{{mask}}.json",
+        export=f"{RUN}/{{task}}/masks/{{mask}}.neurons.json",
     log:
         f"{RUN}/{{task}}/logs/select-{{mask}}.log",
     benchmark:
@@ -26,6 +27,7 @@ rule random_control:
     output:
         mask=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.safetensors",
         meta=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.json",
+        export=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.neurons.json",
     log:
         f"{RUN}/{{task}}/logs/select-random-{{source}}-s{{rseed}}.log",
     benchmark:
