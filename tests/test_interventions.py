@@ -15,6 +15,7 @@ from scipy.special import softmax
 from toy import ToyAdapter
 
 from emotion_neurons import SPANS
+from emotion_neurons.hooks import SpanTracker, StatsRecorder
 from emotion_neurons.interventions import (
     INTERVENTIONS,
     Intervention,
@@ -25,7 +26,6 @@ from emotion_neurons.interventions import (
     softmax_weights,
     weighted_masks,
 )
-from emotion_neurons.hooks import SpanTracker, StatsRecorder
 from emotion_neurons.types import GenerationSettings, Instance
 
 SETTINGS = GenerationSettings(max_new_tokens=4)
@@ -204,3 +204,33 @@ def test_config_check_names_the_missing_activation_sums():
         check_config({"interventions": ["steer", "erase"]}, {"act_sums": "none"})
     with pytest.raises(ValueError, match="'wiggle'.*not registered"):
         check_config({"interventions": ["wiggle"]}, {})
+
+
+def test_grid_takes_strength_from_the_registry_and_keeps_injections_to_ser():
+    from emotion_neurons.conditions import grid
+
+    sel = {"selectors": ["lap"], "r": [0.01]}
+    ev = {"interventions": ["deactivate", "erase", "steer_norm", "two_pass", "mix", "union"], "alpha": [0.5, 1.0]}
+    ser = [c["condition"] for c in grid(sel, ev, "ser")]
+    assert ser == ["baseline", "lap-r0.01-deactivate", "lap-r0.01-erase", "lap-r0.01-steer_norm-a0.5",
+                   "lap-r0.01-steer_norm-a1", "lap-r0.01-two_pass-a0.5", "lap-r0.01-two_pass-a1", "lap-r0.01-mix-a0.5",
+                   "lap-r0.01-mix-a1", "lap-r0.01-union-a0.5", "lap-r0.01-union-a1"]
+    evc = [c["condition"] for c in grid(sel, ev, "evc")]
+    assert evc == ["baseline", "lap-r0.01-deactivate", "lap-r0.01-erase", "lap-r0.01-steer_norm-a0.5",
+                   "lap-r0.01-steer_norm-a1"]
+
+
+@pytest.mark.slow
+def test_dry_run_adds_only_the_injection_jobs(tmp_path):
+    """Adding the three injections to the demo adds one evaluate (and judge) job per SER mask x alpha each."""
+    from test_workflow import make_workdir, planned
+
+    wd = make_workdir(tmp_path / "wd")
+    base = planned(wd, {"evaluate": {"interventions": ["deactivate", "steer"], "alpha": [1.0]}})
+    more = planned(wd, {"evaluate": {"interventions": ["deactivate", "steer", "two_pass", "mix", "union"],
+                                     "alpha": [1.0], "mix_temperature": 0.5}})
+    n_masks = base["select"] // 2 + base["random_control"] // 2  # per task
+    assert more["evaluate"] - base["evaluate"] == 3 * n_masks  # SER only
+    assert more["judge_eval"] - base["judge_eval"] == 3 * n_masks
+    assert {k: v for k, v in more.items() if k not in ("evaluate", "judge_eval", "total")} == {
+        k: v for k, v in base.items() if k not in ("evaluate", "judge_eval", "total")}
