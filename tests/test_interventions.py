@@ -234,3 +234,52 @@ def test_dry_run_adds_only_the_injection_jobs(tmp_path):
     assert more["judge_eval"] - base["judge_eval"] == 3 * n_masks
     assert {k: v for k, v in more.items() if k not in ("evaluate", "judge_eval", "total")} == {
         k: v for k, v in base.items() if k not in ("evaluate", "judge_eval", "total")}
+
+
+@pytest.mark.parametrize("kind", ["steer_norm", "erase"])
+def test_new_interventions_stay_in_one_compiled_graph(kind, tmp_path_factory):
+    """The fast path (tests/test_fastpath.py) for the new edits: a fullgraph-compiled static-cache decode step
+    with the hook traced once, no recompilation on a second batch, the same text as eager."""
+    transformers = pytest.importorskip("transformers")
+    from test_fastpath import BATCH, SETTINGS
+    from torch._dynamo.utils import counters
+
+    from emotion_neurons.models import get_adapter
+    from emotion_neurons.tiny.qwen_omni import build
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = get_adapter("qwen2_5_omni")
+    a.load(str(build(tmp_path_factory.mktemp(f"qwen_{kind}"))), device="cpu")
+    sites = a.resolve_sites("thinker", "gate")
+    masks = torch.rand((2, len(sites), a.n_neurons("thinker")), generator=torch.Generator().manual_seed(0)) < 0.2
+    values = torch.randn(masks.shape, generator=torch.Generator().manual_seed(1))
+    spec = InterventionSpec(kind, alpha=1.0)
+
+    def once():
+        tracker = SpanTracker(a.component_stop_token_ids("thinker"))
+        iv = Intervention(sites, tracker, spec)
+        prepared = a.prepare(*BATCH)
+        with tracker.attached(a.decoder_root("thinker")), iv.attached():
+            tracker.start(a.prefill_span_codes("thinker", prepared))
+            iv.set_masks(masks, values if kind == "erase" else None)
+            return [o.text for o in a.generate(prepared, SETTINGS)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = transformers.CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
+    cfg._compile_all_devices = True
+    try:
+        a.set_decoding("static", "off")
+        ref = once()
+        a.set_decoding("static", cfg)
+        first = once()
+        graphs = counters["stats"]["unique_graphs"]
+        second = once()
+        assert counters["stats"]["unique_graphs"] == graphs and 1 <= graphs <= 2
+        assert not dict(counters["graph_break"])
+        assert first == ref == second
+    finally:
+        a.set_decoding("dynamic", "off")
+        torch._dynamo.reset()
+        torch.set_num_threads(threads)
