@@ -163,3 +163,18 @@ def test_workflow_aggregates_each_task_over_its_spans(tmp_path):
     old = _dry_run(tmp_path, {"aggregate": {"spans": ["audio", "text", "generated"]}})
     assert old.returncode != 0
     assert "tasks.evc.spans" in old.stderr + old.stdout and "tasks.ser.spans" in old.stderr + old.stdout
+
+
+def test_emobox_balanced_test_set_keys():
+    emobox = {"format": "emobox", "emotions": {"ang": "angry", "neu": "neutral"}, "ident_manifest": "a.jsonl",
+              "eval_manifest": "b.jsonl"}
+    for ok in (200, {"angry": 200, "neutral": 500}, None):
+        _validate(_config({"datasets": {"iemocap": {**emobox, "eval_per_emotion": ok, "on_too_few": "warn"}}}))
+    for bad in (0, {"angry": 0}, "200"):
+        with pytest.raises(Exception, match="eval_per_emotion|200"):
+            _validate(_config({"datasets": {"iemocap": {**emobox, "eval_per_emotion": bad}}}))
+    with pytest.raises(Exception, match="on_too_few"):
+        _validate(_config({"datasets": {"iemocap": {**emobox, "on_too_few": "ignore"}}}))
+    _validate(_config({"evaluate": {"interventions": ["mix"], "alpha": [1.0], "mix_temperature": 0.5}}))
+    with pytest.raises(Exception, match="mix_temperature|0"):
+        _validate(_config({"evaluate": {"interventions": ["mix"], "alpha": [1.0], "mix_temperature": 0}}))

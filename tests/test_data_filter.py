@@ -228,3 +228,47 @@ def test_dataset_fingerprint_tracks_content_not_location(tmp_path):
     clear_caches()
     assert dataset_fingerprint(cfg) != fp
     assert dataset_fingerprint({**cfg, "root": str(tmp_path / "nope")}) == "missing"
+
+
+def _emobox_manifest(tmp_path, counts: dict[str, int], speakers: int = 3) -> dict:
+    sf.write(tmp_path / "a.wav", _tone(), 16000)
+    lines = [json.dumps({"key": f"Ses01_{e}_{i:03d}", "wav": "a.wav", "emo": e, "speaker": f"spk{i % speakers}"})
+             for e, n in counts.items() for i in range(n)]
+    (tmp_path / "ev.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "id.jsonl").write_text(json.dumps({"key": "Ses02_x", "wav": "a.wav", "emo": "ang"}) + "\n")
+    return {"format": "emobox", "ident_manifest": str(tmp_path / "id.jsonl"), "eval_manifest": str(tmp_path / "ev.jsonl"),
+            "emotions": {"ang": "angry", "neu": "neutral", "sad": "sad"}}
+
+
+def test_balanced_test_set_per_emotion(tmp_path):
+    """Paper B's test sets: n per emotion, seeded, spread over speakers, independent of manifest order."""
+    cfg = _emobox_manifest(tmp_path, {"ang": 30, "neu": 12, "sad": 9})
+    rows = read_emobox({**cfg, "eval_per_emotion": 7, "eval_sample_seed": 3})
+    ev = [r for r in rows if r["split"] == "eval"]
+    assert pd.Series([r["emotion"] for r in ev]).value_counts().to_dict() == {"angry": 7, "neutral": 7, "sad": 7}
+    spk = pd.Series([r["speaker"] for r in ev if r["emotion"] == "angry"]).value_counts()
+    assert spk.max() - spk.min() <= 1  # 7 over 3 speakers: 3/2/2
+    assert [r for r in rows if r["split"] == "ident"] == [r for r in read_emobox(cfg) if r["split"] == "ident"]
+    # same seed, shuffled manifest: the same utterances; another seed: another draw
+    lines = (tmp_path / "ev.jsonl").read_text().splitlines()
+    (tmp_path / "ev.jsonl").write_text("\n".join(lines[::-1]) + "\n")
+    again = read_emobox({**cfg, "eval_per_emotion": 7, "eval_sample_seed": 3})
+    assert sorted(r["key"] for r in again if r["split"] == "eval") == sorted(r["key"] for r in ev)
+    other = read_emobox({**cfg, "eval_per_emotion": 7, "eval_sample_seed": 4})
+    assert sorted(r["key"] for r in other if r["split"] == "eval") != sorted(r["key"] for r in ev)
+    # sizes per emotion; an emotion not named is left out
+    per = read_emobox({**cfg, "eval_per_emotion": {"angry": 20, "sad": 9}})
+    assert pd.Series([r["emotion"] for r in per if r["split"] == "eval"]).value_counts().to_dict() == {
+        "angry": 20, "sad": 9}
+
+
+def test_balanced_test_set_too_few_is_named(tmp_path, caplog):
+    cfg = _emobox_manifest(tmp_path, {"ang": 30, "neu": 12, "sad": 9})
+    with pytest.raises(DataError, match=r"ev.jsonl: emotion 'sad' has 9 utterances but eval_per_emotion asks for 10"):
+        read_emobox({**cfg, "eval_per_emotion": 10})
+    rows = read_emobox({**cfg, "eval_per_emotion": 10, "on_too_few": "warn"})
+    assert "emotion 'sad' has 9" in caplog.text
+    assert pd.Series([r["emotion"] for r in rows if r["split"] == "eval"]).value_counts().to_dict() == {
+        "angry": 10, "neutral": 10, "sad": 9}
+    with pytest.raises(DataError, match=r"eval_per_emotion names \['happy'\]"):
+        read_emobox({**cfg, "eval_per_emotion": {"happy": 3}})

@@ -167,3 +167,33 @@ def test_empty_transcript_is_empty_not_nan(tmp_path):
     t = report._read_judged(tmp_path / "evc", "baseline")
     assert t.loc[0, "asr_text"] == "" and t.loc[0, "pred"] == "" and t.loc[0, "speaker"] == "0016"
     assert report.fmt_ci(-0.0001, -0.0002, 0.0, 100) == "0.0 [0.0, 0.0]"
+
+
+def test_injection_section_is_the_paired_change_against_the_baseline(tmp_path):
+    """Hand-computed: 4 utterances, baseline 1/4 correct, the injection 3/4; WA and UAR both +50 points."""
+    import pandas as pd
+
+    from emotion_neurons.io import write_table
+
+    cond = "lap-r0.05-two_pass-a1"
+    ids, emo = ["u0", "u1", "u2", "u3"], ["angry", "angry", "sad", "sad"]
+    base = pd.DataFrame({"id": ids, "emotion": emo, "correct": [True, False, False, False], "status": "ok",
+                         "mask_emotion": ""})
+    inj = pd.DataFrame({"id": ids, "emotion": emo, "correct": [True, True, True, False], "status": "ok",
+                        "mask_emotion": "", "first_pred": ["angry", "angry", "angry", "sad"],
+                        "first_pred_from": ["answer", "scores", "answer", "scores"]})
+    (tmp_path / "eval" / cond).mkdir(parents=True)
+    write_table(tmp_path / "eval" / cond / "judged-0.tsv", inj)
+    summary = pd.DataFrame([
+        {"condition": "baseline", "selector": "none", "r": 0.0, "intervention": "none", "alpha": 0.0, "control_of": ""},
+        {"condition": cond, "selector": "lap", "r": 0.05, "intervention": "two_pass", "alpha": 1.0, "control_of": ""},
+    ])
+    t = {"tables": {"summary": summary}, "baseline": base, "dir": tmp_path}
+    html = report.injections(t, n_boot=200, seed=0)
+    assert 'id="ser-agnostic"' in html and "absent" not in html
+    assert "lap r=0.05 two_pass a=1" in html
+    assert re.search(r"<td>75\.0</td>\s*<td>50\.0 \[", html)  # WA, then its change
+    assert html.count("50.0 [") == 2  # ΔWA and ΔUAR
+    assert "75.0 %" in html and "50.0 %" in html  # first pass = gold 3/4; from a parsed answer 2/4
+    none = report.injections({"tables": {"summary": summary.iloc[:1]}, "baseline": base, "dir": tmp_path}, 200, 0)
+    assert "absent" in none and "evaluate.interventions" in none

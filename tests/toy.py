@@ -35,6 +35,10 @@ class ToyAdapter(ModelAdapter):
         n_audio = max(1, len(audio) // 1600)
         return [1] + [AUDIO_ID] * n_audio + [10 + (ord(c) % 50) for c in inst.prompt]
 
+    def option_token_ids(self, n: int) -> list[int]:
+        """The toy's token of each option number, as `tokens` encodes the character (no tokenizer)."""
+        return [10 + (ord(str(k)) % 50) for k in range(1, n + 1)]
+
     def prepare(self, instances, audios) -> Prepared:
         seqs = [self.tokens(i, a) for i, a in zip(instances, audios, strict=True)]
         T = max(map(len, seqs))

@@ -45,16 +45,23 @@ def masks(select_cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Conditions to evaluate; `deactivate` has no strength, `steer` takes each alpha."""
+def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], task: str | None = None) -> list[dict[str, Any]]:
+    """Conditions to evaluate: an intervention without strength (`deactivate`, `erase`) once per mask, the others
+    (`steer`, ...) at each alpha (the registry's `uses_alpha`). The label-agnostic injections (`two_pass`, `mix`,
+    `union`) are SER conditions: EVC's target emotion is the instruction, so they are left out for `task: evc`."""
+    from .interventions import INTERVENTIONS
+
     out = [dict(BASELINE)]
     for m in masks(select_cfg):
         m = {k: v for k, v in m.items() if k != "source_mask"}
         for iv in eval_cfg["interventions"]:
-            alphas = [1.0] if iv == "deactivate" else [float(a) for a in eval_cfg["alpha"]]
+            cls = INTERVENTIONS[iv]
+            if task == "evc" and cls.routing != "label":
+                continue
+            alphas = [float(a) for a in eval_cfg["alpha"]] if cls.uses_alpha else [1.0]
             for a in alphas:
                 head = f"random-{m['control_of']}" if m["selector"] == "random" else m["selector"]
-                cid = f"{head}-r{m['r']:g}-{iv}" + (f"-a{a:g}" if iv == "steer" else "")
+                cid = f"{head}-r{m['r']:g}-{iv}" + (f"-a{a:g}" if cls.uses_alpha else "")
                 if m["selector"] == "random":  # seed last, as metrics strips it when collapsing seeds
                     cid += f"-s{m['mask_seed']}"
                 out.append({**m, "condition": cid, "intervention": iv, "alpha": a})
@@ -64,5 +71,5 @@ def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> list[dict[str,
     return out
 
 
-def by_id(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["condition"]: c for c in grid(select_cfg, eval_cfg)}
+def by_id(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], task: str | None = None) -> dict[str, dict[str, Any]]:
+    return {c["condition"]: c for c in grid(select_cfg, eval_cfg, task)}

@@ -8,10 +8,10 @@ Design (see METHOD.md sections 2 and 4):
 - A `StatsRecorder` adds, per layer, positive counts and activation sums per (row, span) into device
   accumulators, so nothing per-token is stored: one batched matmul per statistic at the prefill, and at a
   decode step (one position, one span) a masked add into the `generated` row, with no one-hot at all.
-- An `Intervention` edits the same site before it is used: g <- g * (1 - m) (deactivate) or
-  g <- g * (1 + alpha * m) (steer), with a per-row mask, at every position or only at generated ones. The
-  factor is precomputed per batch as one dense row per layer, so the edit is one multiply; alpha 0 (and
-  `none`) leave the site's tensor untouched (the hook returns nothing), so the outputs are the plain ones.
+- An `Intervention` (`emotion_neurons.interventions`, one registered class each, re-exported here) edits the
+  same site before it is used, e.g. g <- g * (1 - m) (deactivate) or g <- g * (1 + alpha * m) (steer), with a
+  per-row mask, at every position or only at generated ones. The factor is precomputed per batch as one dense
+  row per layer, so the edit is one multiply; alpha 0 (and `none`) attach no hook, so the outputs are plain.
 
 Fast path (static KV cache, decode step compiled or captured as a CUDA graph, `model.compile`): every decode
 step hook is pure in-place tensor work on buffers that keep their address across batches of one size (span
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import SPANS
+from .interventions import INTERVENTIONS, Intervention, InterventionSpec  # noqa: F401 (re-exported)
 from .models.base import LayerSite
 
 GENERATED = SPANS.index("generated")
@@ -255,96 +255,3 @@ class StatsRecorder:
         if self.sum_squares:
             out["act_sqsum"] = stacked(self.sq).numpy()
         return out
-
-
-@dataclass
-class InterventionSpec:
-    """Serialisable description of one intervention (pyvene-style config, no tensors)."""
-
-    kind: str  # "none" | "deactivate" | "steer"
-    alpha: float = 0.0
-    positions: str = "all"  # "all" | "generated"
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("none", "deactivate", "steer"):
-            raise ValueError(f"intervention {self.kind!r} unknown; expected none, deactivate or steer")
-        if self.positions not in ("all", "generated"):
-            raise ValueError(f"positions {self.positions!r} unknown; expected all or generated")
-
-    @property
-    def is_identity(self) -> bool:
-        """`none` and steer with alpha 0 leave every site unchanged."""
-        return self.kind == "none" or (self.kind == "steer" and float(self.alpha) == 0.0)
-
-
-class Intervention:
-    """Edits the hook site with a per-row mask [B, L, N] (bool) before the model uses it."""
-
-    def __init__(self, sites: list[LayerSite], tracker: SpanTracker, spec: InterventionSpec) -> None:
-        self.sites = sites
-        self.tracker = tracker
-        self.spec = spec
-        self.masks: torch.Tensor | None = None
-        self._factor: torch.Tensor | None = None  # [B, L, N] float32: 1 - m or 1 + alpha * m
-        self._rows: list[torch.Tensor | None] = []  # per layer [B, 1, N] in the site's dtype and device
-
-    def set_masks(self, masks: torch.Tensor) -> None:
-        if masks.ndim != 3 or masks.shape[1] != len(self.sites):
-            raise ValueError(f"masks must be [B, {len(self.sites)}, N]; got {tuple(masks.shape)}")
-        self.masks = masks.bool()
-        if self.spec.is_identity:
-            return
-        m = self.masks.float()
-        self._factor = 1 - m if self.spec.kind == "deactivate" else 1 + float(self.spec.alpha) * m
-        if len(self._rows) != len(self.sites):
-            self._rows = [None] * len(self.sites)
-        # rows are cast lazily at the prefill (dtype / device of each site); stale rows are refreshed there
-        self._fresh = [False] * len(self.sites)
-
-    def _row(self, layer_pos: int, g: torch.Tensor) -> torch.Tensor:
-        """The layer's factor row in g's dtype/device; refreshed in place (same address) once per batch."""
-        row = self._rows[layer_pos]
-        if not self._fresh[layer_pos]:
-            src = self._factor[:, layer_pos].to(device=g.device, dtype=g.dtype).unsqueeze(1)
-            if row is None or row.shape != src.shape or row.dtype != src.dtype or row.device != src.device:
-                row = _static(src.clone())
-                self._rows[layer_pos] = row
-            else:
-                row.copy_(src)
-            self._fresh[layer_pos] = True
-        return row
-
-    def _edit(self, layer_pos: int, g: torch.Tensor) -> torch.Tensor:
-        if self.masks is None:
-            raise RuntimeError("Intervention.set_masks() was not called")
-        if self.tracker.decoding:
-            row = self._rows[layer_pos]  # set at the prefill
-        else:
-            row = self._row(layer_pos, g)
-        if self.spec.positions == "generated":
-            gen = (self.tracker.codes.to(g.device) == GENERATED).unsqueeze(-1)  # [B, T, 1]
-            return g * torch.where(gen, row, torch.ones((), dtype=g.dtype, device=g.device))
-        return g * row
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[Intervention]:
-        handles = []
-        try:
-            if not self.spec.is_identity:
-                for pos, site in enumerate(self.sites):
-                    if site.kind == "pre":
-
-                        def pre_hook(module, args, _p=pos):
-                            return (self._edit(_p, args[0]),) + tuple(args[1:])
-
-                        handles.append(site.module.register_forward_pre_hook(pre_hook))
-                    else:
-
-                        def fwd_hook(module, args, output, _p=pos):
-                            return self._edit(_p, output)
-
-                        handles.append(site.module.register_forward_hook(fwd_hook))
-            yield self
-        finally:
-            for h in handles:
-                h.remove()

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from emotion_neurons import conditions as _cond  # noqa: E402
+from emotion_neurons import interventions as _iv  # noqa: E402
 from emotion_neurons.stages import judge as _judge  # noqa: E402
 from emotion_neurons.models import entry as _adapter_entry  # noqa: E402
 from emotion_neurons.retry import SHELL_GUARD, SHELL_RECORD  # noqa: E402
@@ -39,6 +40,7 @@ if "mad_signed" in (config.get("select") or {}):
 validate_config(
     config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 )
+_iv.check_config(config["evaluate"], config["capture"])
 
 RUN = f"results/{check_run_name(config['run_name'])}"
 # mask file names: a selector's `<selector>-r<r>`, a random control's `random-<selector>-r<r>-s<seed>`;
@@ -103,13 +105,13 @@ def _masks_by_name():
 
 
 @functools.cache
-def _grid():
-    return _cond.grid(config["select"], config["evaluate"])
+def _grid(task):
+    return _cond.grid(config["select"], config["evaluate"], task)
 
 
 @functools.cache
-def _grid_by_id():
-    return _cond.by_id(config["select"], config["evaluate"])
+def _grid_by_id(task):
+    return _cond.by_id(config["select"], config["evaluate"], task)
 
 
 def mask_spec(name):
@@ -133,11 +135,11 @@ def select_params(name):
 
 
 def conditions(task):
-    return _grid()
+    return _grid(task)
 
 
 def condition(task, cid):
-    return _grid_by_id()[cid]
+    return _grid_by_id(task)[cid]
 
 
 def model_params():
@@ -194,6 +196,8 @@ def eval_inputs(wc):
     inputs = {"manifest": f"{stage1_dir(wc.task)}/instances.jsonl"}
     if cond["mask"]:
         inputs["mask"] = f"{RUN}/{wc.task}/masks/{cond['mask']}.safetensors"
+    if _iv.INTERVENTIONS[cond["intervention"]].needs_means:  # erase: M of stage 3
+        inputs["aggregate"] = f"{RUN}/{wc.task}/aggregate.zarr"
     return inputs
 
 
@@ -215,7 +219,12 @@ def _eval_params(task, cid):
             "eval": {
                 k: config["evaluate"].get(k)
                 for k in ("positions", "max_instances_per_shard", "sample_seed")
-            },
+            }
+            | (
+                {"mix_temperature": config["evaluate"].get("mix_temperature", 1.0)}
+                if condition(task, cid)["intervention"] == "mix"
+                else {}
+            ),
             "component": config["component"],
             "hook_site": config["hook_site"],
             "code": code_version("evaluate", config["model"]["adapter"]),

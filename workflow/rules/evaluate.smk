@@ -71,9 +71,12 @@ rule evaluate:
         p=eval_params,
         n=n_eval_shards(),
         mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
+        agg=lambda wc, input: (
+            f"--aggregate {input.aggregate}" if "aggregate" in input.keys() else ""
+        ),
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} {params.agg} "
             "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
             "--out {output} > {log} 2>&1"
         )

@@ -2,23 +2,99 @@
 
 EVC steers each instance with the mask of its target emotion. SER applies each emotion's mask in turn to all
 test instances (the rows of the mask-emotion x evaluated-emotion change matrix). The baseline runs unedited.
+A label-agnostic injection (`two_pass`, `mix`, `union`; SER) does not know the test label: an unintervened
+first pass gives each utterance its prediction and option scores, recorded per utterance (columns
+`first_pred`, `first_pred_from`, `first_scores`, `injection_weights`, and the first pass's own table
+`first-pass.tsv`) so the second pass can be audited; the second pass steers with the mask the injection builds
+from them. `erase` moves masked neurons to the mean activation over the other emotions, read from the stage-3
+aggregate (`--aggregate`, which needs `capture.act_sums`).
+
+CLI (unchanged for the existing conditions): --params --manifest --shard --n-shards --out [--mask]
+[--batch-size] [--aggregate, for `erase` only].
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..config import load_params
-from ..hooks import InterventionSpec
+from ..interventions import InterventionSpec, injection_weights, other_emotion_means
 from ..io import atomic_dir, write_table
+from ..prompts import parse_answer
+from ..types import Instance
 from .generate import batch_size_of, load_adapter, load_shard, run, settings_from
 
 log = logging.getLogger(__name__)
+
+
+def erase_values(aggregate: str | Path | None, emotions: list[str], shape: tuple[int, ...]) -> np.ndarray:
+    """Mbar [E, L, N] in the mask's emotion order: each emotion's mean activation over the OTHER emotions."""
+    if not aggregate:
+        raise ValueError("intervention erase needs --aggregate (the stage-3 aggregate.zarr with M)")
+    from ..stats import load_aggregate
+
+    arrays, attrs = load_aggregate(aggregate)
+    if "M" not in arrays:
+        raise ValueError(
+            f"{aggregate} has no mean activation M: erase needs capture.act_sums float16 or float32 in stage 1"
+        )
+    agg_emotions = list(attrs.get("emotions") or [])
+    missing = [e for e in emotions if e not in agg_emotions]
+    if missing:
+        raise ValueError(f"{aggregate}: mask emotions {missing} are not in the aggregate's {agg_emotions}")
+    mbar = other_emotion_means(arrays["M"])[[agg_emotions.index(e) for e in emotions]]
+    if mbar.shape != tuple(shape):
+        raise ValueError(f"{aggregate}: M is {mbar.shape[1:]} per emotion but the mask is {tuple(shape)[1:]}")
+    return mbar
+
+
+def first_pass_weights(
+    first: pd.DataFrame, emotions: list[str], routing: str, temperature: float
+) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Per instance id, the weights over `emotions` of a label-agnostic injection, and the audit columns.
+
+    The pseudo-label is the first pass's parsed answer; an unparsable answer falls back to the option with
+    the highest score (`first_pred_from` says which). Scores are in `emotions` order.
+    """
+    ok = first[first["status"].eq("ok")]
+    ids, scores, preds, froms = [], [], [], []
+    for row in ok.itertuples(index=False):
+        options = [o for o in str(row.options).split("|") if o]
+        by_option = json.loads(row.option_scores)
+        missing = [e for e in emotions if e not in options]
+        if missing:
+            raise ValueError(f"instance {row.id}: mask emotions {missing} are not among its options {options}")
+        s = np.array([by_option[options.index(e)] for e in emotions], dtype=np.float64)
+        answer = parse_answer(str(row.output_text) if row.output_text == row.output_text else "", options)
+        if answer in emotions:
+            pred, src = emotions.index(answer), "answer"
+        else:
+            pred, src = int(np.argmax(s)), "scores"
+        ids.append(row.id)
+        scores.append(s)
+        preds.append(pred)
+        froms.append(src)
+    S = np.array(scores).reshape(len(ids), len(emotions))
+    W = injection_weights(routing, S, preds, temperature)
+    audit = pd.DataFrame(
+        {
+            "id": ids,
+            "first_pred": [emotions[p] for p in preds],
+            "first_pred_from": froms,
+            "first_output_text": ok["output_text"].tolist(),
+            "first_scores": [json.dumps(dict(zip(emotions, np.round(s, 6).tolist(), strict=True))) for s in S],
+            "injection_weights": [json.dumps(dict(zip(emotions, np.round(w, 6).tolist(), strict=True))) for w in W],
+        }
+    )
+    return dict(zip(ids, W, strict=True)), audit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", type=int, required=True)
     ap.add_argument("--n-shards", type=int, required=True)
     ap.add_argument("--mask", default="", help="mask .safetensors (omitted for the baseline)")
+    ap.add_argument("--aggregate", default="", help="stage-3 aggregate.zarr (erase: mean activations M)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, default=None, help="overrides model.batch_size (warns: the outputs are keyed on model.batch_size)")
     a = ap.parse_args(argv)
@@ -39,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         int(p["eval"].get("sample_seed") or 0),
     )
     log.info("condition %s, shard %d/%d: %d instances", cond["condition"], a.shard, a.n_shards, len(instances))
-    spec = InterventionSpec(cond["intervention"], float(cond["alpha"]), p["eval"].get("positions", "all"))
+    spec = InterventionSpec(
+        cond["intervention"], float(cond["alpha"]), p["eval"].get("positions", "all"),
+        float(p["eval"].get("mix_temperature") or 1.0),
+    )
+    kind = spec.cls
+    if kind.routing != "label" and task != "ser":
+        raise ValueError(f"intervention {spec.kind!r} is a label-agnostic SER injection; task {task!r} has labels")
     adapter = load_adapter(p["model"])
     settings = settings_from(task, p["task_cfg"], p["model"])
-    masks = emotions = None
+    masks = emotions = values = None
     if spec.kind != "none":
         import torch
 
@@ -54,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         n_sites = len(adapter.resolve_sites(p["component"], p["hook_site"]))
         if masks.shape[1] != n_sites:
             raise ValueError(f"mask {a.mask} has {masks.shape[1]} layers but the model has {n_sites}")
+        if kind.needs_means:
+            values = torch.from_numpy(erase_values(a.aggregate, emotions, tuple(masks.shape)))
+
+    def rows(idx: list[int]) -> Any:
+        return masks[idx] if values is None else (masks[idx], values[idx])
+
     common = dict(
         batch_size=batch_size_of(p, a.batch_size), component=p["component"], site=p["hook_site"],
         intervention=spec, on_bad_audio=p["data"].get("on_bad_audio", "skip"),
@@ -62,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         write_table(tmp / "strata.tsv", strata)
         if task == "evc" or spec.kind == "none":
 
-            def by_target(batch):
-                return masks[[emotions.index(i.group) for i in batch]]
+            def by_target(batch: list[Instance]) -> Any:
+                return rows([emotions.index(i.group) for i in batch])
 
             df = run(
                 adapter, instances, settings, out_table=tmp / "outputs.tsv",
@@ -71,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 **common,
             )
             df["mask_emotion"] = df["target"] if (task == "evc" and masks is not None) else ""
-        else:
+        elif kind.routing == "label":
             parts = []
             for e_idx, emo in enumerate(emotions):
 
-                def fixed(batch, _e=e_idx):
-                    return masks[[_e] * len(batch)]
+                def fixed(batch: list[Instance], _e: int = e_idx) -> Any:
+                    return rows([_e] * len(batch))
 
                 part = run(adapter, instances, settings, out_table=tmp / f"outputs-{emo}.tsv", wav_dir=None,
                            mask_fn=fixed, **common)
@@ -84,8 +173,31 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(part)
                 Path(tmp / f"outputs-{emo}.tsv").unlink()
             df = pd.concat(parts, ignore_index=True)
+        else:
+            df = injected(adapter, instances, settings, tmp, masks, emotions, spec, common)
         write_table(tmp / "outputs.tsv", df)
     return 0
+
+
+def injected(adapter, instances, settings, tmp: Path, masks, emotions: list[str], spec: InterventionSpec,
+             common: dict[str, Any]) -> pd.DataFrame:
+    """The two passes of a label-agnostic injection: unintervened (with option scores), then steered."""
+    from ..interventions import weighted_masks
+
+    first_common = {**common, "intervention": None}
+    first = run(adapter, instances, settings, out_table=tmp / "first-pass.tsv", wav_dir=None,
+                option_scores=True, **first_common)
+    weights, audit = first_pass_weights(first, emotions, spec.cls.routing, spec.temperature)
+
+    def by_first_pass(batch: list[Instance]) -> Any:
+        return weighted_masks(masks, np.stack([weights[i.id] for i in batch]))
+
+    df = run(adapter, instances, settings, out_table=tmp / "outputs.tsv", wav_dir=None, mask_fn=by_first_pass,
+             **common)
+    df = df.merge(audit, on="id", how="left")
+    df["mask_emotion"] = ""  # no fixed mask emotion: rows are compared with the baseline (WA, UAR)
+    log.info("%s: first-pass predictions %s", spec.kind, audit["first_pred"].value_counts().to_dict())
+    return df
 
 
 if __name__ == "__main__":

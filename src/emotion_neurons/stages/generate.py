@@ -1,7 +1,7 @@
 """Stage 1 (generate with capture) and the generation half of stage 4 (generate under an intervention).
 
-One engine serves both: load the adapter once, run batches, optionally record statistics and/or apply an
-intervention, write the outputs table, the wavs and (with capture) a zarr store per shard. All outputs are
+One engine (`engine.Engine`: batches in, outputs and statistics out) serves both; `run` is the stage's file
+handling around it: load the audio, write the outputs table, the wavs and (with capture) a zarr store per shard. All outputs are
 atomic; a crashed shard leaves nothing that looks complete.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,29 @@ def settings_from(task: str, tcfg: dict[str, Any], model_cfg: dict[str, Any]) ->
     )
 
 
+def load_audios(
+    adapter, instances: list[Instance], on_bad_audio: str = "skip"
+) -> tuple[list[Instance], dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Read each instance's audio once at the adapter's rate: the usable instances, audio by path, and a
+    `bad_audio` row per skipped instance (`on_bad_audio: error` raises instead)."""
+    audios: dict[str, np.ndarray] = {}
+    good: list[Instance] = []
+    bad: list[dict[str, Any]] = []
+    for inst in instances:
+        try:
+            if inst.wav not in audios:
+                audios[inst.wav] = load_audio(
+                    inst.wav, adapter.input_sample_rate, max_seconds=getattr(adapter, "max_audio_seconds", None)
+                )
+            good.append(inst)
+        except AudioError as e:
+            if on_bad_audio == "error":
+                raise
+            log.warning("skipping %s: %s", inst.id, e)
+            bad.append({**inst.to_dict(), "status": f"bad_audio: {e}"})
+    return good, audios, bad
+
+
 def run(
     adapter,
     instances: list[Instance],
@@ -157,35 +180,20 @@ def run(
     mask_fn=None,
     on_bad_audio: str = "skip",
     store_attrs: dict[str, Any] | None = None,
+    option_scores: bool = False,
 ) -> pd.DataFrame:
     """Generate for `instances`; capture statistics into `stats_out` and/or edit with `intervention`.
 
-    `mask_fn(instances) -> bool tensor [B, L, N]` gives each row its mask when an intervention is set.
+    The stage's file handling around `engine.Engine`: audio loading and the bad-audio policy, the statistics
+    store, the wavs and the outputs table. `mask_fn(instances) -> bool tensor [B, L, N]` (or `(masks,
+    values)`) gives each row its mask when an intervention is set; `option_scores` adds a column
+    `option_scores` (JSON list: log-probability of each option's number at the first generated position).
     """
-    import torch
-
-    from ..hooks import Intervention, SpanTracker, StatsRecorder
+    from ..engine import Engine
     from ..stats import InstanceStatsWriter
 
-    sites = adapter.resolve_sites(component, site)
-    tracker = SpanTracker(adapter.component_stop_token_ids(component))
-    root = adapter.decoder_root(component)
-
-    audios: dict[str, np.ndarray] = {}
-    good: list[Instance] = []
-    rows: list[dict[str, Any]] = []
-    for inst in instances:
-        try:
-            if inst.wav not in audios:
-                audios[inst.wav] = load_audio(
-                    inst.wav, adapter.input_sample_rate, max_seconds=getattr(adapter, "max_audio_seconds", None)
-                )
-            good.append(inst)
-        except AudioError as e:
-            if on_bad_audio == "error":
-                raise
-            log.warning("skipping %s: %s", inst.id, e)
-            rows.append({**inst.to_dict(), "status": f"bad_audio: {e}"})
+    engine = Engine(adapter, settings, component=component, site=site, batch_size=batch_size)
+    good, audios, rows = load_audios(adapter, instances, on_bad_audio)
     if rows:
         log.warning("%d of %d instances skipped for bad audio (status bad_audio in %s)", len(rows), len(instances),
                     Path(out_table).name)
@@ -201,52 +209,44 @@ def run(
             "device_map": adapter.device_map(),
             **(store_attrs or {}),
         }
-        writer = InstanceStatsWriter(stats_out, [i.id for i in good], len(sites), n_neurons, attrs, sum_squares, act_sums)
+        writer = InstanceStatsWriter(
+            stats_out, [i.id for i in good], len(engine.sites), n_neurons, attrs, sum_squares, act_sums
+        )
 
-    bs = max(1, batch_size if adapter.supports_batching else 1)
     wav_dir = Path(wav_dir) if wav_dir else None
     try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(tracker.attached(root))
-            iv = None
-            if intervention is not None and intervention.kind != "none":
-                iv = stack.enter_context(Intervention(sites, tracker, intervention).attached())
-            rec = stack.enter_context(StatsRecorder(sites, tracker, sum_squares).attached()) if writer else None
-            bar = stack.enter_context(tqdm(total=len(good), desc="generate", unit="inst", file=sys.stderr, mininterval=5))
-            for b0 in range(0, len(good), bs):
-                batch = good[b0 : b0 + bs]
-                t0 = time.perf_counter()
-                prepared = adapter.prepare(batch, [audios[i.wav] for i in batch])
-                tracker.start(adapter.prefill_span_codes(component, prepared))
-                if rec is not None:
-                    rec.reset(len(batch))
-                if iv is not None:
-                    iv.set_masks(mask_fn(batch))
-                with torch.inference_mode():
-                    outs = adapter.generate(prepared, settings)
+        batches = engine.run(
+            good, audios, intervention=intervention, mask_fn=mask_fn, record=writer is not None,
+            sum_squares=sum_squares, option_scores=option_scores,
+        )
+        with contextlib.closing(batches), tqdm(
+            total=len(good), desc="generate", unit="inst", file=sys.stderr, mininterval=5
+        ) as bar:
+            for res in batches:
                 if writer is not None:
-                    writer.write([i.id for i in batch], rec.result())
-                dt = (time.perf_counter() - t0) / len(batch)
-                bar.update(len(batch))
-                for inst, out in zip(batch, outs, strict=True):
+                    writer.write([i.id for i in res.instances], res.stats)
+                bar.update(len(res.instances))
+                for b, (inst, out) in enumerate(zip(res.instances, res.outputs, strict=True)):
                     wav_path = ""
                     if out.wav is not None and wav_dir is not None:
                         target = wav_dir / wav_name(inst.id)
                         write_wav(target, out.wav, out.sample_rate)
                         # relative to the table's folder, so the shard folder can be renamed into place
                         wav_path = str(target.relative_to(Path(out_table).parent))
-                    rows.append(
-                        {
-                            **inst.to_dict(),
-                            "options": "|".join(inst.options),
-                            "status": "ok",
-                            "output_text": out.text,
-                            "output_wav": wav_path,
-                            "output_sr": out.sample_rate,
-                            "n_generated": out.n_generated,
-                            "seconds": round(dt, 4),
-                        }
-                    )
+                    row = {
+                        **inst.to_dict(),
+                        "options": "|".join(inst.options),
+                        "status": "ok",
+                        "output_text": out.text,
+                        "output_wav": wav_path,
+                        "output_sr": out.sample_rate,
+                        "n_generated": out.n_generated,
+                        "seconds": round(res.seconds, 4),
+                    }
+                    if res.option_scores is not None:
+                        sc = res.option_scores[b, : len(inst.options)]
+                        row["option_scores"] = json.dumps([round(float(x), 6) for x in sc])
+                    rows.append(row)
         if writer is not None:
             writer.close()
     except BaseException:
@@ -254,7 +254,7 @@ def run(
             with contextlib.suppress(Exception):
                 writer.abort()
         raise
-    columns = [*Instance.__dataclass_fields__, "status", *OUTPUT_COLUMNS]
+    columns = [*Instance.__dataclass_fields__, "status", *OUTPUT_COLUMNS, *(["option_scores"] if option_scores else [])]
     df = pd.DataFrame(rows, columns=columns if not rows else None)
     if "options" in df:
         df["options"] = df["options"].map(lambda o: "|".join(o) if isinstance(o, list) else o)

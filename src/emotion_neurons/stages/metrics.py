@@ -25,7 +25,7 @@ def check_judged(judged: pd.DataFrame, where: str) -> None:
     missing = [c for c in EVC_JUDGED_COLS if c not in judged.columns]
     if missing:
         raise ValueError(
-            f"{where} lacks column(s) {missing} (written by emotion_neurons.judge); re-run its judge_eval job"
+            f"{where} lacks column(s) {missing} (written by emotion_neurons.stages.judge); re-run its judge_eval job"
         )
 
 

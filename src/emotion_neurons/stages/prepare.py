@@ -139,7 +139,68 @@ def read_emobox(cfg: dict[str, Any], **_: Any) -> list[dict[str, str]]:
                     "source": f"{path}:{n}",
                 }
             )
+        if split == "eval" and cfg.get("eval_per_emotion"):
+            ev = [r for r in rows if r["split"] == "eval"]
+            rows = [r for r in rows if r["split"] != "eval"] + balanced_sample(
+                ev, cfg["eval_per_emotion"], int(cfg.get("eval_sample_seed") or 0), str(path),
+                cfg.get("on_too_few", "error"), sorted(set(label_map.values())),
+            )
     return rows
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def balanced_sample(
+    rows: list[dict[str, str]],
+    per_emotion: int | dict[str, int],
+    seed: int,
+    where: str,
+    on_too_few: str = "error",
+    emotions: list[str] | None = None,
+) -> list[dict[str, str]]:
+    """A balanced test set (Paper B: 200/200/500 per emotion on IEMOCAP/MELD/MSP-Podcast): `per_emotion`
+    utterances of each emotion (one size for all, or a size per emotion; emotions not named are dropped),
+    drawn with `seed` and spread over speakers round-robin (speakers and utterances in seeded hash order, so
+    the draw depends on neither manifest order nor sort order).
+
+    An emotion with fewer utterances than asked is a DataError naming the manifest and the emotion, or, with
+    `on_too_few: warn`, a logged warning and all of its utterances.
+    """
+    by_emo: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_emo.setdefault(r["emotion"], []).append(r)
+    if isinstance(per_emotion, dict):
+        sizes = {str(e): int(n) for e, n in per_emotion.items()}
+        known = set(emotions or by_emo)
+        unknown = sorted(set(sizes) - known)
+        if unknown:
+            raise DataError(f"eval_per_emotion names {unknown}, which are not emotions of {where} ({sorted(known)})")
+    else:
+        sizes = dict.fromkeys(sorted(emotions or by_emo), int(per_emotion))
+    kept: list[dict[str, str]] = []
+    for emo, n in sizes.items():
+        have = by_emo.get(emo, [])
+        if len(have) < n:
+            msg = f"{where}: emotion {emo!r} has {len(have)} utterances but eval_per_emotion asks for {n}"
+            if on_too_few != "warn":
+                raise DataError(msg + "; lower eval_per_emotion or set on_too_few: warn to keep all of them")
+            log.warning("%s; keeping all %d", msg, len(have))
+        spk: dict[str, list[dict[str, str]]] = {}
+        for r in have:
+            spk.setdefault(r["speaker"], []).append(r)
+        queues = [sorted(v, key=lambda r: (_rank(seed, r["key"]), r["key"])) for _, v in
+                  sorted(spk.items(), key=lambda kv: (_rank(seed, f"speaker:{kv[0]}"), kv[0]))]
+        picked: list[dict[str, str]] = []
+        depth = 0
+        while len(picked) < min(n, len(have)):
+            for q in queues:
+                if depth < len(q) and len(picked) < n:
+                    picked.append(q[depth])
+            depth += 1
+        kept.extend(picked)
+    return kept
 
 
 READERS = {"esd": read_esd, "emobox": read_emobox}
