@@ -20,6 +20,7 @@ from emotion_neurons.config import (  # noqa: E402
     stage1_identity,
     stage1_key,
     stage1_task_cfg,
+    stages as _stages,
     task_dataset,
 )
 
@@ -120,6 +121,12 @@ def mask_spec(name):
             f"mask {name!r} is not in the grid of select.selectors x select.r"
         )
     return {k: v for k, v in m.items() if k != "source_mask"}
+
+
+def stage_codes():
+    """Code version of every stage that feeds the report (all but the report itself), derived from stages/."""
+    adapter = config["model"]["adapter"]
+    return {s: code_version(s, adapter) for s in _stages() if s != "report"}
 
 
 def select_params(name):
