@@ -103,9 +103,15 @@ def plugin(tmp_path, monkeypatch):
 
 
 def test_unregistered_names_are_rejected_at_validation():
-    cfg = _merge(yaml.safe_load((REPO / "config.yaml").read_text()), {"select": {"selectors": ["cas_signed"]}})
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
     with pytest.raises(ConfigError, match=r"select\.selectors\.0"):
-        validate_config(cfg)
+        validate_config(_merge(base, {"select": {"selectors": ["cas_signed"]}}))
+    with pytest.raises(ConfigError, match=r"model\.adapter"):
+        validate_config(_merge(base, {"model": {"adapter": "toy_plugin"}}))
+    with pytest.raises(ConfigError, match=r"select\.mad\.signed"):  # the old key says where it went
+        validate_config(_merge(base, {"select": {"mad_signed": True}}))
+    cfg = validate_config(_merge(base, {"select": {"mad": {}}}))
+    assert cfg["select"]["mad"] == {"signed": False}  # defaults from the selector's signature
 
 
 def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin, tmp_path):

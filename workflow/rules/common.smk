@@ -31,11 +31,6 @@ if "spans" in (config.get("aggregate") or {}):
     )
 if config.get("aggregate") == {}:  # an empty leftover section of older configs
     del config["aggregate"]
-if "mad_signed" in (config.get("select") or {}):
-    raise ValueError(
-        "config key select.mad_signed was replaced by select.mad.signed (a selector's parameters live under "
-        "select.<selector>); move the setting there"
-    )
 # the schema's name lists (selectors, adapters, components, hook sites) come from the registries
 validate_config(
     config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
