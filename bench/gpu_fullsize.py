@@ -54,6 +54,9 @@ transformers 5.17 run, Qwen2.5-Omni's decode steps differed run to run under def
 deterministic algorithms, and were bitwise reproducible once the cuDNN SDPA backend was excluded
 (bench/RESULTS-gpu-fullsize.md).
 
+Model builders, the timing loop and the result table come from `harness.py`, the determinism checks from
+`determinism.py`; this script holds the modes, the summary over rounds and its table.
+
 Run on a GPU machine:  PYTHONPATH=src python bench/gpu_fullsize.py --out DIR
 Smoke test on CPU:     PYTHONPATH=src python bench/gpu_fullsize.py --tiny --out /tmp/bench_tiny
 """
@@ -61,7 +64,6 @@ Smoke test on CPU:     PYTHONPATH=src python bench/gpu_fullsize.py --tiny --out 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import sys
@@ -73,57 +75,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from harness import (  # noqa: E402 - bench/ is on sys.path when run as a script
+from determinism import determinism_report  # noqa: E402 - bench/ is on sys.path when run as a script
+from harness import (  # noqa: E402
     Hooks,
     IdRecorder,
-    af3_config,
-    build_random,
-    deterministic,
+    build_model,
+    build_tiny_dir,
     environment,
     load_adapter,
     log,
-    quiet_transformers,
-    qwen_config,
+    md_table,
+    pick_device,
     random_masks,
-    sync,
     synthetic,
+    timed_batches,
+    write_results,
 )
 
 from emotion_neurons import SPANS
 from emotion_neurons.types import GenerationSettings, Instance
 
 MODES = ("plain", "capture", "steer", "steer0")
-
-# -- published sizes -----------------------------------------------------------------------------------------
-
-
-# -- model construction --------------------------------------------------------------------------------------
-
-
-# -- inputs --------------------------------------------------------------------------------------------------
-
-
-# -- benchmark -----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def repro_setting(name: str, caught: list[str]):
-    """default(_interleaved) | deterministic | sdpa_no_cudnn (flash, efficient, math) | sdpa_math (math only)."""
-    if name in ("default", "default_interleaved"):
-        yield
-    elif name == "deterministic":
-        with deterministic(True, caught):
-            yield
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.MATH]
-        if name == "sdpa_no_cudnn":
-            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        with sdpa_kernel(backends):
-            yield
-
-
+LABELS = {"qwen2_5_omni": "Qwen2.5-Omni-7B", "audio_flamingo3": "AudioFlamingo3"}
 
 
 def run_mode(
@@ -140,7 +113,6 @@ def run_mode(
 ) -> dict[str, Any]:
     """Generate for all instances in batches of `bs` under `mode`; time, peak memory, ids and capture checks."""
     hooks = Hooks(adapter, mode, masks)
-    batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
     rows: dict[str, dict[str, Any]] = {}
     checks: list[str] = []
     t_prep = t_gen = 0.0
@@ -149,29 +121,14 @@ def run_mode(
         start_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        # one untimed warm-up batch (the first), then every batch timed
-        plan = ([(True, batches[0])] if warmup else []) + [(False, b) for b in batches]
-        for warm, idx in plan:
-            batch = [insts[i] for i in idx]
-            sync(device)
-            t0 = time.perf_counter()
-            prepared = adapter.prepare(batch, [audios[i] for i in idx])
-            hooks.arm(prepared)
-            sync(device)
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                gen = adapter.generate(prepared, settings)
-            stats = hooks.rec.result() if hooks.rec is not None else None  # host copy, once per batch
-            sync(device)
-            t2 = time.perf_counter()
-            if warm:
-                continue
-            t_prep += t1 - t0
-            t_gen += t2 - t1
-            prompt_len = int(prepared.inputs["input_ids"].shape[1])
+        for tb in timed_batches(adapter, hooks, insts, audios, bs, settings, device, warmup=warmup):
+            t_prep += tb.prepare_seconds
+            t_gen += tb.generate_seconds
+            batch, stats = [insts[i] for i in tb.idx], tb.stats
+            prompt_len = int(tb.prepared.inputs["input_ids"].shape[1])
             new = ids.last[:, prompt_len:]
-            n_audio = (prepared.span_codes == SPANS.index("audio")).sum(-1).tolist()
-            for j, (inst, g) in enumerate(zip(batch, gen, strict=True)):
+            n_audio = (tb.prepared.span_codes == SPANS.index("audio")).sum(-1).tolist()
+            for j, (inst, g) in enumerate(zip(batch, tb.outputs, strict=True)):
                 n_tokens += g.n_generated
                 row = {"ids": new[j].tolist(), "text": g.text, "n_generated": g.n_generated}
                 if stats is not None:
@@ -201,212 +158,11 @@ def run_mode(
     }
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "to_tuple"):
-        out = list(out.values()) if isinstance(out, dict) else list(out.to_tuple())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                return o
-    return None
-
-
-def probe_modules(adapter: Any) -> dict[str, torch.nn.Module]:
-    """Modules whose outputs the forward-determinism check compares, from the audio input to the logits."""
-    sites = adapter.resolve_sites("thinker", "gate")
-    names = dict(adapter.model.named_modules())
-    wanted: dict[str, torch.nn.Module] = {}
-    for name in names:
-        for suffix in ("audio_tower.conv1", "audio_tower.layers.0", "audio_tower"):
-            if name.endswith(suffix) and suffix not in wanted:
-                wanted[suffix] = names[name]
-    layer0 = sites[0].name.rsplit(".mlp.", 1)[0]
-    wanted["lm.layers.0"] = names[layer0]
-    wanted["lm.layers.0.act_fn"] = sites[0].module
-    wanted[f"lm.layers.{len(sites) - 1}.act_fn"] = sites[-1].module
-    return wanted
-
-
-def forward_outputs(adapter: Any, mode: str, prepared: Any, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One prefill forward of the decoder root (no cache) under `mode`; probe outputs + last-position logits."""
-    hooks = Hooks(adapter, mode, masks)
-    got: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def keep(name: str):
-        def hook(module, args, output):
-            t = _first_tensor(output)
-            if t is not None and name not in got:
-                got[name] = t.detach().clone()
-
-        return hook
-
-    try:
-        with hooks.attached():
-            for name, module in probe_modules(adapter).items():
-                handles.append(module.register_forward_hook(keep(name)))
-            hooks.arm(prepared)
-            with torch.inference_mode():
-                out = hooks.root(**prepared.inputs, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    got["logits[:, -1]"] = out.logits[:, -1].detach().clone()
-    del out
-    return got
-
-
-def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
-    res = {}
-    for k in a:
-        x, y = a[k], b.get(k)
-        if y is None or x.shape != y.shape:
-            res[k] = "missing or shape differs"
-            continue
-        res[k] = {
-            "equal": bool(torch.equal(x, y)),
-            "max_abs_diff": float((x.float() - y.float()).abs().max()),
-        }
-    return res
-
-
-def raw_generate(adapter: Any, prepared: Any, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy generation with per-step logits, called the way the adapter calls it (new ids, [B, steps, V])."""
-    common: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=adapter.stop_token_ids,
-        pad_token_id=adapter.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    with torch.inference_mode():
-        if hasattr(adapter.model, "thinker"):  # Qwen2.5-Omni without speakers: the adapter calls the thinker
-            out = adapter.model.thinker.generate(**prepared.inputs, use_audio_in_video=False, **common)
-        else:
-            out = adapter.model.generate(
-                **prepared.inputs, use_cache=True, repetition_penalty=1.0, temperature=None, top_p=None,
-                top_k=None, **common,
-            )  # fmt: skip
-    new = out.sequences[:, prepared.inputs["input_ids"].shape[1] :].cpu()
-    return new, torch.stack(list(out.logits), 1).float()
-
-
-def generation_repro(
-    adapter: Any, insts: list[Instance], audios: list[np.ndarray], max_new_tokens: int, k: int
-) -> dict[str, Any]:
-    """Generate each of the first `k` instances twice (bs 1) per setting; compare ids and per-step logits.
-
-    `default_interleaved` runs a bs-4 generation of other instances between the two runs (allocator and
-    kernel state change in between), the other settings run the two generations back to back.
-    """
-    out: dict[str, Any] = {}
-    caught: list[str] = []
-    other = adapter.prepare(insts[-4:], audios[-4:])
-    for setting in ("default", "default_interleaved", "deterministic", "sdpa_no_cudnn", "sdpa_math"):
-        res: dict[str, Any] = {"rows_equal_ids": 0, "first_logit_diff_step": [], "first_id_diff_step": []}
-        step0, anydiff = 0.0, 0.0
-        try:
-            with repro_setting(setting, caught):
-                for i in range(k):
-                    prepared = adapter.prepare(insts[i : i + 1], audios[i : i + 1])
-                    ids_a, log_a = raw_generate(adapter, prepared, max_new_tokens)
-                    if setting == "default_interleaved":
-                        raw_generate(adapter, other, max_new_tokens)
-                    ids_b, log_b = raw_generate(adapter, prepared, max_new_tokens)
-                    res["rows_equal_ids"] += int(bool(torch.equal(ids_a, ids_b)))
-                    n = min(log_a.shape[1], log_b.shape[1])
-                    diff = (log_a[:, :n] - log_b[:, :n]).abs().amax(dim=(0, 2))  # per step
-                    steps = torch.nonzero(diff > 0).flatten().tolist()
-                    res["first_logit_diff_step"].append(steps[0] if steps else -1)
-                    id_steps = torch.nonzero(ids_a[0, :n] != ids_b[0, :n]).flatten().tolist()
-                    res["first_id_diff_step"].append(id_steps[0] if id_steps else -1)
-                    step0 = max(step0, float(diff[0]))
-                    # compare only up to the first id divergence: later steps see different inputs
-                    upto = id_steps[0] + 1 if id_steps else n
-                    anydiff = max(anydiff, float(diff[:upto].max()))
-        except Exception as e:  # noqa: BLE001 - a backend may not support these shapes
-            res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        res["step0_max_abs_logit_diff"] = step0
-        res["max_abs_logit_diff_before_divergence"] = anydiff
-        res["pairs"] = k
-        out[setting] = res
-    out["deterministic_mode_warnings"] = caught[:20]
-    return out
-
-
-def determinism_report(
-    adapter: Any,
-    insts: list[Instance],
-    audios: list[np.ndarray],
-    masks: torch.Tensor,
-    batch_sizes: list[int],
-    max_new_tokens: int,
-    k: int,
-) -> dict[str, Any]:
-    """Are hooks exact no-ops (capture, steer alpha 0), and is the model itself run-to-run reproducible?
-
-    Forward level: outputs of probe modules and the last-position logits of one prefill (the largest batch),
-    plain vs plain again, vs steer0, vs capture, with default and with deterministic algorithms.
-    Generation level (no hooks): the same instance generated twice, under default settings, with another
-    generation in between, with deterministic algorithms, and with restricted SDPA backends.
-    """
-    bs = max(batch_sizes)
-    prepared = adapter.prepare(insts[:bs], audios[:bs])
-    report: dict[str, Any] = {"forward_batch_size": bs}
-    for det in (False, True):
-        with deterministic(det):
-            base = forward_outputs(adapter, "plain", prepared, masks)
-            report[f"forward{'_deterministic' if det else ''}"] = {
-                m: compare(base, forward_outputs(adapter, "plain" if m == "plain2" else m, prepared, masks))
-                for m in ("plain2", "steer0", "capture")
-            }
-            del base
-    report["generate_twice_bs1"] = generation_repro(adapter, insts, audios, max_new_tokens, k)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return report
-
-
 def bench_model(
     name: str, label: str, tiny_dir: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Any]:
-    from transformers import (
-        AudioFlamingo3ForConditionalGeneration,
-        GenerationConfig,
-        Qwen2_5OmniForConditionalGeneration,
-    )
-
     res: dict[str, Any] = {"model": label, "adapter": name}
-    if name == "qwen2_5_omni":
-        cfg = qwen_config(tiny_dir, args.tiny)
-        model, info = build_random(Qwen2_5OmniForConditionalGeneration, cfg, device, dtype)
-        text_cfg = cfg.thinker_config.text_config
-        audio_layers = cfg.thinker_config.audio_config.encoder_layers
-        info["built"] = "Qwen2_5OmniForConditionalGeneration(enable_audio_output=False): thinker only"
-        info["has_talker"] = bool(getattr(model, "has_talker", False))
-    else:
-        cfg = af3_config(tiny_dir, args.tiny)
-        model, info = build_random(AudioFlamingo3ForConditionalGeneration, cfg, device, dtype)
-        # the checkpoint's sampling generation config, which the adapter overrides for greedy decoding
-        model.generation_config = GenerationConfig.from_pretrained(tiny_dir)
-        text_cfg = cfg.text_config
-        audio_layers = cfg.audio_config.num_hidden_layers
-        info["built"] = "AudioFlamingo3ForConditionalGeneration (encoder + projector + Qwen2 LM)"
-    info.update(
-        text_hidden=text_cfg.hidden_size,
-        text_intermediate=text_cfg.intermediate_size,
-        text_layers=text_cfg.num_hidden_layers,
-        text_heads=text_cfg.num_attention_heads,
-        text_kv_heads=text_cfg.num_key_value_heads,
-        vocab=text_cfg.vocab_size,
-        audio_encoder_layers=audio_layers,
-        attn_implementation=getattr(model.config, "_attn_implementation", None),
-    )
-    if device.type == "cuda":
-        info["allocated_after_build_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    model, info = build_model(name, tiny_dir, args.tiny, device, dtype)
     res["build"] = info
     log(
         f"{label}: built {info['n_params'] / 1e9:.2f} B params, {info['weights_gib']} GiB "
@@ -554,27 +310,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"max_new_tokens {a['max_new_tokens']}, greedy; mean of {a['rounds']} rounds per cell"
     )
     lines.append("")
-    lines.append(
-        "| model | bs | mode | s/instance (rounds) | prepare s/inst | generate s/inst | gen tok/s "
-        "| peak GPU GiB | peak over start GiB | vs plain | ids = plain (per round) |"
-    )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ["model", "bs", "mode", "s/instance (rounds)", "prepare s/inst", "generate s/inst", "gen tok/s",
+              "peak GPU GiB", "peak over start GiB", "vs plain", "ids = plain (per round)"]  # fmt: skip
+    table = []
     for m in result["models"]:
         if "error" in m:
-            lines.append(f"| {m['model']} | - | ERROR | {m['error'].splitlines()[-1]} | | | | | | | |")
+            table.append([m["model"], "-", "ERROR", m["error"].splitlines()[-1], *[""] * 7])
             continue
         for r in m["runs"]:
             ov = r.get("overhead_vs_plain")
             eq = r.get("rows_equal_to_plain_ids", r.get("rows_equal_to_round0_ids"))
             n = r["n"]
             per = "/".join(f"{x:.3f}" for x in r["seconds_per_instance_rounds"])
-            lines.append(
-                f"| {m['model']} | {r['batch_size']} | {r['mode']} | {r['seconds_per_instance']:.3f} ({per}) "
-                f"| {r['prepare_seconds_per_instance']:.3f} | {r['generate_seconds_per_instance']:.3f} "
-                f"| {r['generated_tokens_per_second']} | {r['peak_gpu_gib']} | {r['peak_over_start_gib']} "
-                f"| {'-' if ov is None else f'{ov:.3f}x'} "
-                f"| {'-' if eq is None else ', '.join(f'{x}/{n}' for x in eq)} |"
-            )
+            table.append([
+                m["model"], r["batch_size"], r["mode"], f"{r['seconds_per_instance']:.3f} ({per})",
+                f"{r['prepare_seconds_per_instance']:.3f}", f"{r['generate_seconds_per_instance']:.3f}",
+                r["generated_tokens_per_second"], r["peak_gpu_gib"], r["peak_over_start_gib"],
+                "-" if ov is None else f"{ov:.3f}x", "-" if eq is None else ", ".join(f"{x}/{n}" for x in eq),
+            ])  # fmt: skip
+    lines += md_table(header, table)
     lines.append("")
     for m in result["models"]:
         if "error" in m:
@@ -628,13 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     args = ap.parse_args(argv)
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
+    device, dtype = pick_device(args.device, args.dtype)
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     if not args.tiny and device.type != "cuda":
@@ -648,34 +396,24 @@ def main(argv: list[str] | None = None) -> int:
         "models": [],
     }
     log(json.dumps(result["environment"]))
-
-    from emotion_neurons.tiny import audio_flamingo3 as tiny_af3
-    from emotion_neurons.tiny import qwen_omni as tiny_qwen
-
-    labels = {
-        "qwen2_5_omni": "Qwen2.5-Omni-7B" + (" (tiny)" if args.tiny else ""),
-        "audio_flamingo3": "AudioFlamingo3" + (" (tiny)" if args.tiny else ""),
-    }
     with tempfile.TemporaryDirectory(prefix="bench_tiny_") as tmp:
         for name in args.models:
             gc.collect()
             t0 = time.perf_counter()
+            label = LABELS.get(name, name) + (" (tiny)" if args.tiny else "")
             try:
-                builder = tiny_qwen if name == "qwen2_5_omni" else tiny_af3
-                with quiet_transformers():
-                    tiny_dir = builder.build(Path(tmp) / name)  # tokenizer, feature extractor/processor, ids
+                tiny_dir = build_tiny_dir(name, Path(tmp))  # tokenizer, feature extractor/processor, ids
                 log(f"{name}: tiny tokenizer/processor dir built in {time.perf_counter() - t0:.1f} s")
-                res = bench_model(name, labels[name], tiny_dir, args, device, dtype)
+                res = bench_model(name, label, tiny_dir, args, device, dtype)
             except Exception:  # noqa: BLE001 - report and go on with the next model
-                res = {"model": labels[name], "adapter": name, "error": traceback.format_exc()}
+                res = {"model": label, "adapter": name, "error": traceback.format_exc()}
                 log(res["error"])
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             res["total_seconds"] = round(time.perf_counter() - t0, 1)
             result["models"].append(res)
-            (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-            (out_dir / "results.md").write_text(markdown(result))
+            write_results(out_dir, result, markdown)
     print(markdown(result), flush=True)
     failed = [m["model"] for m in result["models"] if "error" in m]
     bad = [

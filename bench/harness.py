@@ -9,11 +9,13 @@ measurement adds its own timing loop and table and nothing else. Run the scripts
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import platform
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -485,3 +487,127 @@ class Hooks:
             self.rec.reset(n)
         if self.iv is not None:
             self.iv.set_masks(self.masks.unsqueeze(0).expand(n, -1, -1))
+
+
+# -- shared by the benchmark scripts: device choice, model builders by adapter name, the timing loop, results --
+
+
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`auto`: CUDA when present; bfloat16 on CUDA, float32 on CPU."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
+def build_tiny_dir(name: str, root: Path) -> Path:
+    """The tiny checkpoint directory of adapter `name` (tokenizer, processor, token ids; `emotion_neurons.tiny`)."""
+    from emotion_neurons.tiny import audio_flamingo3 as tiny_af3
+    from emotion_neurons.tiny import qwen_omni as tiny_qwen
+
+    builders = {"qwen2_5_omni": tiny_qwen, "audio_flamingo3": tiny_af3}
+    if name not in builders:
+        raise KeyError(f"no benchmark builder for adapter {name!r}; have {sorted(builders)}")
+    with quiet_transformers():
+        return builders[name].build(Path(root) / name)
+
+
+def build_model(
+    name: str, tiny_dir: Path, tiny: bool, device: torch.device, dtype: torch.dtype, audio_output: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """Random-weight model of adapter `name` at full size (or the tiny config): the model and its build record.
+
+    Qwen2.5-Omni is the thinker only unless `audio_output`; Audio Flamingo 3 gets the checkpoint's sampling
+    generation config (the adapter overrides it for greedy decoding).
+    """
+    from transformers import (
+        AudioFlamingo3ForConditionalGeneration,
+        GenerationConfig,
+        Qwen2_5OmniForConditionalGeneration,
+    )
+
+    if name == "qwen2_5_omni":
+        cfg = qwen_config(tiny_dir, tiny, audio_output=audio_output)
+        model, info = build_random(Qwen2_5OmniForConditionalGeneration, cfg, device, dtype)
+        text_cfg = cfg.thinker_config.text_config
+        audio_layers = cfg.thinker_config.audio_config.encoder_layers
+        info["built"] = "Qwen2_5OmniForConditionalGeneration(enable_audio_output=False): thinker only"
+        if audio_output:
+            info["built"] = "Qwen2_5OmniForConditionalGeneration: thinker + talker + token2wav"
+        info["has_talker"] = bool(getattr(model, "has_talker", False))
+    elif name == "audio_flamingo3":
+        cfg = af3_config(tiny_dir, tiny)
+        model, info = build_random(AudioFlamingo3ForConditionalGeneration, cfg, device, dtype)
+        model.generation_config = GenerationConfig.from_pretrained(tiny_dir)
+        text_cfg = cfg.text_config
+        audio_layers = cfg.audio_config.num_hidden_layers
+        info["built"] = "AudioFlamingo3ForConditionalGeneration (encoder + projector + Qwen2 LM)"
+    else:
+        raise KeyError(f"no benchmark builder for adapter {name!r}")
+    info.update(
+        text_hidden=text_cfg.hidden_size,
+        text_intermediate=text_cfg.intermediate_size,
+        text_layers=text_cfg.num_hidden_layers,
+        text_heads=text_cfg.num_attention_heads,
+        text_kv_heads=text_cfg.num_key_value_heads,
+        vocab=text_cfg.vocab_size,
+        audio_encoder_layers=audio_layers,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+    )
+    if device.type == "cuda":
+        info["allocated_after_build_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    return model, info
+
+
+@dataclasses.dataclass
+class TimedBatch:
+    """One timed batch of `timed_batches`: instance indices, inputs, outputs, captured statistics, seconds."""
+
+    idx: list[int]
+    prepared: Any
+    outputs: list[Any]
+    stats: dict[str, Any] | None
+    prepare_seconds: float
+    generate_seconds: float
+
+
+def timed_batches(
+    adapter: Any, hooks: Hooks, insts: list[Instance], audios: list[np.ndarray], bs: int, settings: Any,
+    device: torch.device, warmup: bool = True,
+) -> Iterator[TimedBatch]:  # fmt: skip
+    """The timing loop: batches of `bs` (the first once more, untimed, with `warmup`), synchronised around
+    input preparation and around generation (the recorder's host copy included, once per batch).
+
+    Call inside `hooks.attached()`.
+    """
+    batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
+    plan = ([(True, batches[0])] if warmup else []) + [(False, b) for b in batches]
+    for warm, idx in plan:
+        sync(device)
+        t0 = time.perf_counter()
+        prepared = adapter.prepare([insts[i] for i in idx], [audios[i] for i in idx])
+        hooks.arm(prepared)
+        sync(device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            gen = adapter.generate(prepared, settings)
+        stats = hooks.rec.result() if hooks.rec is not None else None  # host copy, once per batch
+        sync(device)
+        t2 = time.perf_counter()
+        if not warm:
+            yield TimedBatch(idx, prepared, gen, stats, t1 - t0, t2 - t1)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown table lines (a result table of a benchmark)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_results(out_dir: Path, result: dict[str, Any], markdown: Any) -> None:
+    """`results.json` and `results.md` (from `markdown(result)`), rewritten after each model so a crash keeps them."""
+    import json
+
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / "results.md").write_text(markdown(result))

@@ -103,9 +103,15 @@ def plugin(tmp_path, monkeypatch):
 
 
 def test_unregistered_names_are_rejected_at_validation():
-    cfg = _merge(yaml.safe_load((REPO / "config.yaml").read_text()), {"select": {"selectors": ["cas_signed"]}})
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
     with pytest.raises(ConfigError, match=r"select\.selectors\.0"):
-        validate_config(cfg)
+        validate_config(_merge(base, {"select": {"selectors": ["cas_signed"]}}))
+    with pytest.raises(ConfigError, match=r"model\.adapter"):
+        validate_config(_merge(base, {"model": {"adapter": "toy_plugin"}}))
+    with pytest.raises(ConfigError, match=r"select\.mad\.signed"):  # the old key says where it went
+        validate_config(_merge(base, {"select": {"mad_signed": True}}))
+    cfg = validate_config(_merge(base, {"select": {"mad": {}}}))
+    assert cfg["select"]["mad"] == {"signed": False}  # defaults from the selector's signature
 
 
 def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin, tmp_path):
@@ -198,3 +204,27 @@ def test_mask_export_reads_with_json_alone_and_matches_the_mask(tmp_path):
     # the provenance sidecar names the site in TransformerLens's vocabulary too
     assert load_mask(target)[1]["hook_site_aliases"] == {"module": "down_proj.input",
                                                          "transformer_lens": "blocks.{layer}.mlp.hook_post"}
+
+
+def test_judge_stage_dispatches_through_the_judge_registry(tmp_path):
+    import pandas as pd
+
+    from emotion_neurons.io import write_table
+    from emotion_neurons.judges import JUDGES
+    from emotion_neurons.stages.judge import EvcJudge, SerJudge, judge_table
+
+    assert JUDGES["evc"] is EvcJudge and JUDGES["ser"] is SerJudge
+
+    class LengthJudge:
+        def __init__(self, cfg, labels):
+            self.cfg = cfg
+
+        def __call__(self, outputs, base_dir):
+            return outputs.assign(n_chars=outputs["output_text"].str.len(), where=str(base_dir))
+
+    outputs = tmp_path / "shard" / "outputs.tsv"
+    outputs.parent.mkdir()
+    write_table(outputs, pd.DataFrame({"id": ["a", "b"], "status": ["ok", "ok"], "output_text": ["hi", "hello"]}))
+    with JUDGES.temporarily("lengths", LengthJudge):
+        got = judge_table("lengths", outputs, {}, [])
+    assert got["n_chars"].tolist() == [2, 5] and set(got["where"]) == {str(outputs.parent)}

@@ -38,3 +38,23 @@ def test_every_rule_runs_the_stage_module_it_is_named_for():
 def test_stage_files_start_from_the_derived_entry_module():
     for stage in stages():
         assert PACKAGE_DIR / "stages" / f"{stage}.py" in stage_files(stage)
+
+
+def test_snakefile_imports_stay_torch_free():
+    """The modules the Snakefile imports at parse time, with validation and the rerun hashes of every stage,
+    load neither torch nor transformers: adapter declarations are read from source."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import sys, yaml",
+        "import emotion_neurons.schema, emotion_neurons.models, emotion_neurons.selectors, emotion_neurons.stages.judge",
+        "from emotion_neurons.config import code_version, stages",
+        "from emotion_neurons.schema import validate_config",
+        f"cfg = yaml.safe_load(open({str(REPO / 'config.yaml')!r}))",
+        "validate_config(cfg)",
+        "[code_version(s, cfg['model']['adapter']) for s in stages()]",
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))",
+    ])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout

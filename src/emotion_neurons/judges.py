@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .io import resample  # noqa: F401  (re-exported: judges and tests call judges.resample)
+from .registry import Registry
 
 EMOTION2VEC_LABELS: tuple[str, ...] = (
     "angry",
@@ -43,6 +44,10 @@ EMOTION2VEC_LABELS: tuple[str, ...] = (
 
 JUDGE_SAMPLE_RATE = 16000
 """Both emotion2vec and Whisper take 16 kHz input."""
+
+JUDGES: Registry[Any] = Registry("judge")
+"""Task -> its judge: `cls(judges_cfg, labels)`, called on a shard's outputs table and folder, returns the table
+with raw measures added (the judge stage's `EvcJudge`, `SerJudge`; a plugin may register another task's)."""
 
 # --------------------------------------------------------------------------------------------------
 # Text

@@ -64,6 +64,11 @@ def validate_config(config: dict[str, Any], path: str | Path = SCHEMA_FILE) -> d
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
+    if "mad_signed" in (config.get("select") or {}):
+        raise ConfigError(
+            "config key select.mad_signed was replaced by select.mad.signed (a selector's parameters live under "
+            "select.<selector>); move the setting there"
+        )
     schema = config_schema(path)
     validator = _default_filling(Draft202012Validator)(schema)
     error = best_match(validator.iter_errors(config))

@@ -21,6 +21,7 @@ from emotion_neurons.config import (  # noqa: E402
     stage1_identity,
     stage1_key,
     stage1_task_cfg,
+    stages as _stages,
     task_dataset,
 )
 
@@ -31,11 +32,6 @@ if "spans" in (config.get("aggregate") or {}):
     )
 if config.get("aggregate") == {}:  # an empty leftover section of older configs
     del config["aggregate"]
-if "mad_signed" in (config.get("select") or {}):
-    raise ValueError(
-        "config key select.mad_signed was replaced by select.mad.signed (a selector's parameters live under "
-        "select.<selector>); move the setting there"
-    )
 # the schema's name lists (selectors, adapters, components, hook sites) come from the registries
 validate_config(
     config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -122,6 +118,12 @@ def mask_spec(name):
             f"mask {name!r} is not in the grid of select.selectors x select.r"
         )
     return {k: v for k, v in m.items() if k != "source_mask"}
+
+
+def stage_codes():
+    """Code version of every stage that feeds the report (all but the report itself), derived from stages/."""
+    adapter = config["model"]["adapter"]
+    return {s: code_version(s, adapter) for s in _stages() if s != "report"}
 
 
 def select_params(name):

@@ -183,23 +183,7 @@ rule report:
                 "config": config,
                 "code": code_version("report"),
                 # the code behind every number on the page (its provenance section)
-                "codes": {
-                    **{
-                        s: code_version(s)
-                        for s in (
-                            "prepare",
-                            "filter",
-                            "aggregate",
-                            "select",
-                            "judge",
-                            "metrics",
-                        )
-                    },
-                    **{
-                        s: code_version(s, config["model"]["adapter"])
-                        for s in ("generate", "evaluate")
-                    },
-                },
+                "codes": stage_codes(),
             }
         ),
     shell:

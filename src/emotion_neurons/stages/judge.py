@@ -23,9 +23,21 @@ from tqdm import tqdm
 
 from ..config import code_version, task_dataset
 from ..io import AudioError, load_audio, read_table, write_table
+from ..judges import JUDGES
 from ..prompts import parse_answer
 
 log = logging.getLogger(__name__)
+
+
+@JUDGES.register("ser")
+class SerJudge:
+    """SER: the parsed answer against the gold label (no model needed)."""
+
+    def __init__(self, cfg: dict[str, Any], labels: list[str]) -> None:
+        self.labels = list(labels)
+
+    def __call__(self, outputs: pd.DataFrame, base_dir: Path) -> pd.DataFrame:
+        return judge_ser(outputs)
 
 
 def judge_ser(outputs: pd.DataFrame) -> pd.DataFrame:
@@ -69,6 +81,7 @@ def params(config: dict[str, Any], task: str, cond: dict[str, Any] | None = None
     }
 
 
+@JUDGES.register("evc")
 class EvcJudge:
     """emotion2vec (target emotion) + faster-whisper (content) + refusal detection for EVC outputs.
 
@@ -163,9 +176,7 @@ def judge_table(task: str, outputs_path: str | Path, cfg: dict[str, Any], labels
     outputs = read_table(outputs_path)
     if outputs.empty:
         return outputs
-    if task == "ser":
-        return judge_ser(outputs)
-    return EvcJudge(cfg, labels)(outputs, Path(outputs_path).parent)
+    return JUDGES[task](cfg, labels)(outputs, Path(outputs_path).parent)
 
 
 def main(argv: list[str] | None = None) -> int:
