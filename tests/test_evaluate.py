@@ -250,8 +250,9 @@ def test_mix_weights_are_softmax_of_scores_over_temperature(adapter, mask_spy, t
 
 def test_union_steers_the_or_of_every_mask(adapter, mask_spy, tmp_path):
     mask = _mask(tmp_path, adapter)
-    df, ids, _ = _run_iv(tmp_path, mask, "union")
+    df, ids, out = _run_iv(tmp_path, mask, "union")
     assert dict(mask_spy) == {iid: (1.0, 1.0, 1.0) for iid in ids}
+    assert len(df) == len(ids) and not (out / "first-pass.tsv").exists()  # no first pass needed
 
 
 def test_erase_reads_the_other_emotions_mean_from_the_aggregate(adapter, tmp_path, monkeypatch):

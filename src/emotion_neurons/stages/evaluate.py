@@ -2,12 +2,12 @@
 
 EVC steers each instance with the mask of its target emotion. SER applies each emotion's mask in turn to all
 test instances (the rows of the mask-emotion x evaluated-emotion change matrix). The baseline runs unedited.
-A label-agnostic injection (`two_pass`, `mix`, `union`; SER) does not know the test label: an unintervened
-first pass gives each utterance its prediction and option scores, recorded per utterance (columns
+A label-agnostic injection (`two_pass`, `mix`; SER) does not know the test label: an unintervened first
+pass gives each utterance its prediction and option scores, recorded per utterance (columns
 `first_pred`, `first_pred_from`, `first_scores`, `injection_weights`, and the first pass's own table
 `first-pass.tsv`) so the second pass can be audited; the second pass steers with the mask the injection builds
-from them. `erase` moves masked neurons to the mean activation over the other emotions, read from the stage-3
-aggregate (`--aggregate`, which needs `capture.act_sums`).
+from them; `union` steers the OR of all masks in one pass. `erase` moves masked neurons to the mean
+activation over the other emotions, read from the stage-3 aggregate (`--aggregate`; needs `capture.act_sums`).
 
 CLI (unchanged for the existing conditions): --params --manifest --shard --n-shards --out [--mask]
 [--batch-size] [--aggregate, for `erase` only].
@@ -181,9 +181,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def injected(adapter, instances, settings, tmp: Path, masks, emotions: list[str], spec: InterventionSpec,
              common: dict[str, Any]) -> pd.DataFrame:
-    """The two passes of a label-agnostic injection: unintervened (with option scores), then steered."""
+    """The two passes of a label-agnostic injection: unintervened (with option scores), then steered. `union`
+    needs no first pass (its mask is the same for every utterance), so it runs one."""
     from ..interventions import weighted_masks
 
+    if spec.cls.routing == "union":
+        union = weighted_masks(masks, np.ones((1, len(emotions))))
+
+        def same(batch: list[Instance]) -> Any:
+            return union.expand(len(batch), -1, -1)
+
+        df = run(adapter, instances, settings, out_table=tmp / "outputs.tsv", wav_dir=None, mask_fn=same, **common)
+        df["mask_emotion"] = ""
+        return df
     first_common = {**common, "intervention": None}
     first = run(adapter, instances, settings, out_table=tmp / "first-pass.tsv", wav_dir=None,
                 option_scores=True, **first_common)

@@ -91,7 +91,7 @@ def label(row: pd.Series | dict[str, Any]) -> str:
     if sel == "random" and ctl:
         sel = f"random({ctl})"
     out = f"{sel} r={float(row['r']):g} {row['intervention']}"
-    from .interventions import INTERVENTIONS
+    from ..interventions import INTERVENTIONS
 
     iv = str(row["intervention"])
     if iv in INTERVENTIONS and INTERVENTIONS[iv].uses_alpha:
@@ -321,7 +321,7 @@ def injections(t: dict[str, Any], n_boot: int, seed: int, ci: float = 0.95) -> s
     injection condition, the paired change in points with a bootstrap interval over utterances, and the audit
     of the first pass (how often its pseudo-label was the gold label, and how often it came from a parsed
     answer rather than the option scores)."""
-    from .interventions import INTERVENTIONS
+    from ..interventions import INTERVENTIONS
 
     fid, title = "ser-agnostic", "SER label-agnostic injections (two_pass, mix, union) vs the baseline"
     summ = t["tables"].get("summary")
