@@ -112,6 +112,11 @@ def test_unregistered_names_are_rejected_at_validation():
         validate_config(_merge(base, {"select": {"mad_signed": True}}))
     cfg = validate_config(_merge(base, {"select": {"mad": {}}}))
     assert cfg["select"]["mad"] == {"signed": False}  # defaults from the selector's signature
+    from dataclasses import replace
+
+    noenv = replace(ADAPTERS["qwen2_5_omni"], name="noenv", env="models-none")
+    with ADAPTERS.temporarily("noenv", noenv), pytest.raises(ConfigError, match=r"envs/models-none\.yaml is missing"):
+        validate_config(_merge(base, {"model": {"adapter": "noenv"}}))
 
 
 def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin, tmp_path):

@@ -75,12 +75,13 @@ def validate_config(config: dict[str, Any], path: str | Path = SCHEMA_FILE) -> d
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"config key {key}: {error.message} (schema {path})")
-    check_config(config)
+    check_config(config, envs=Path(path).resolve().parents[2] / "envs")
     return config
 
 
-def check_config(config: dict[str, Any]) -> None:
-    """Cross-key checks the schema cannot express: the adapter supports the component, hook site and tasks."""
+def check_config(config: dict[str, Any], envs: Path | None = None) -> None:
+    """Cross-key checks the schema cannot express: the adapter supports the component, hook site and tasks, and
+    its environment file exists (in `envs`, the checkout's envs/ folder)."""
     from .models import entry
 
     decl = entry(config["model"]["adapter"])
@@ -100,6 +101,6 @@ def check_config(config: dict[str, Any]) -> None:
                 f"config key tasks.{task}: adapter {decl.name!r} ({decl.file}) does not support task {task!r} "
                 f"(it declares tasks {list(decl.tasks)}); set tasks.{task}.enabled: false"
             )
-    env = SCHEMA_FILE.parents[2] / "envs" / f"{decl.env}.yaml"
+    env = (envs or SCHEMA_FILE.parents[2] / "envs") / f"{decl.env}.yaml"
     if not env.is_file():
         raise ConfigError(f"adapter {decl.name!r} ({decl.file}) names environment {decl.env!r}, but {env} is missing")
