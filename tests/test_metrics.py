@@ -427,3 +427,35 @@ def test_ser_random_effects_and_vs_random() -> None:
     # cas SE(ang) -100 vs random 0 -> -100; ESS(ang) -75 vs random mean (0 + 25) / 2 -> -87.5
     assert (v.loc["ang", "SE"], v.loc["ang", "ESS"]) == pytest.approx((-100.0, -87.5))
     assert v.loc["ang", "SE_hi"] < 0 and (v["random_condition"] == "random-cas-r0.005-deactivate").all()
+
+
+def test_ser_injections_paired_change_against_the_baseline():
+    """Hand-computed: 4 utterances (2 angry, 2 sad); baseline right on u0 only, two_pass on u0-u2: WA 25 -> 75,
+    UAR (50+0)/2 -> (100+50)/2; the first pass's pseudo-labels are gold on 3 of 4, 2 from a parsed answer."""
+    from scipy.stats import bootstrap
+
+    from emotion_neurons.effects import ser_injections
+
+    ids, emo = ["u0", "u1", "u2", "u3"], ["angry", "angry", "sad", "sad"]
+    meta = {"selector": "lap", "r": 0.05, "mask_seed": 0, "control_of": "", "mask_emotion": ""}
+    base = pd.DataFrame({"id": ids, "emotion": emo, "correct": [1, 0, 0, 0], "condition": "baseline",
+                         "intervention": "none", "alpha": 0.0, **meta, "selector": "none", "r": 0.0})
+    inj = pd.DataFrame({"id": ids, "emotion": emo, "correct": [1, 1, 1, 0], "condition": "lap-r0.05-two_pass-a1",
+                        "intervention": "two_pass", "alpha": 1.0, **meta,
+                        "first_pred": ["angry", "angry", "angry", "sad"],
+                        "first_pred_from": ["answer", "scores", "answer", "scores"]})
+    uni = inj.assign(condition="lap-r0.05-union-a1", intervention="union", correct=[0, 0, 0, 0])
+    uni = uni.drop(columns=["first_pred", "first_pred_from"])
+    steer = inj.assign(condition="lap-r0.05-steer-a1", intervention="steer", mask_emotion="angry")
+    out = ser_injections(pd.concat([base, inj, uni, steer], ignore_index=True), n_boot=2000, seed=0)
+    assert list(out["condition"]) == ["lap-r0.05-two_pass-a1", "lap-r0.05-union-a1"]  # steer is not an injection
+    r = out.iloc[0]
+    assert (r["n"], r["WA"], r["WA_base"], r["UAR"], r["UAR_base"]) == (4, 0.75, 0.25, 0.75, 0.25)
+    assert r["dWA"] == pytest.approx(0.5) and r["dUAR"] == pytest.approx(0.5)
+    assert (r["first_pred_acc"], r["first_from_answer"]) == (0.75, 0.5)
+    # the paired WA interval agrees with scipy's percentile bootstrap of the per-utterance differences
+    ref = bootstrap((np.array([0, 1, 1, 0.0]),), np.mean, n_resamples=20000, method="percentile",
+                    random_state=0).confidence_interval
+    assert r["dWA_lo"] == pytest.approx(ref.low, abs=0.13) and r["dWA_hi"] == pytest.approx(ref.high, abs=0.13)
+    u = out.iloc[1]
+    assert u["dWA"] == pytest.approx(-0.25) and np.isnan(u["first_pred_acc"]) and np.isnan(u["first_from_answer"])

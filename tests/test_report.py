@@ -169,31 +169,22 @@ def test_empty_transcript_is_empty_not_nan(tmp_path):
     assert report.fmt_ci(-0.0001, -0.0002, 0.0, 100) == "0.0 [0.0, 0.0]"
 
 
-def test_injection_section_is_the_paired_change_against_the_baseline(tmp_path):
-    """Hand-computed: 4 utterances, baseline 1/4 correct, the injection 3/4; WA and UAR both +50 points."""
+def test_injection_section_renders_the_metrics_table():
     import pandas as pd
 
-    from emotion_neurons.io import write_table
-
-    cond = "lap-r0.05-two_pass-a1"
-    ids, emo = ["u0", "u1", "u2", "u3"], ["angry", "angry", "sad", "sad"]
-    base = pd.DataFrame({"id": ids, "emotion": emo, "correct": [True, False, False, False], "status": "ok",
-                         "mask_emotion": ""})
-    inj = pd.DataFrame({"id": ids, "emotion": emo, "correct": [True, True, True, False], "status": "ok",
-                        "mask_emotion": "", "first_pred": ["angry", "angry", "angry", "sad"],
-                        "first_pred_from": ["answer", "scores", "answer", "scores"]})
-    (tmp_path / "eval" / cond).mkdir(parents=True)
-    write_table(tmp_path / "eval" / cond / "judged-0.tsv", inj)
-    summary = pd.DataFrame([
-        {"condition": "baseline", "selector": "none", "r": 0.0, "intervention": "none", "alpha": 0.0, "control_of": ""},
-        {"condition": cond, "selector": "lap", "r": 0.05, "intervention": "two_pass", "alpha": 1.0, "control_of": ""},
-    ])
-    t = {"tables": {"summary": summary}, "baseline": base, "dir": tmp_path}
-    html = report.injections(t, n_boot=200, seed=0)
+    inj = pd.DataFrame([{"condition": "lap-r0.05-two_pass-a1", "selector": "lap", "r": 0.05, "intervention": "two_pass",
+                         "alpha": 1.0, "mask_seed": 0, "control_of": "", "n": 4, "WA": 0.75, "UAR": 0.75,
+                         "WA_base": 0.25, "UAR_base": 0.25, "dWA": 0.5, "dWA_lo": 0.25, "dWA_hi": 0.75, "dUAR": 0.5,
+                         "dUAR_lo": 0.2, "dUAR_hi": 0.8, "first_pred_acc": 0.75, "first_from_answer": 0.5},
+                        {"condition": "lap-r0.05-union-a1", "selector": "lap", "r": 0.05, "intervention": "union",
+                         "alpha": 1.0, "mask_seed": 0, "control_of": "", "n": 4, "WA": 0.5, "UAR": 0.5,
+                         "WA_base": 0.25, "UAR_base": 0.25, "dWA": 0.25, "dWA_lo": 0.0, "dWA_hi": 0.5, "dUAR": 0.25,
+                         "dUAR_lo": 0.0, "dUAR_hi": 0.5, "first_pred_acc": float("nan"),
+                         "first_from_answer": float("nan")}])
+    html = report.injections({"tables": {"injections": inj}})
     assert 'id="ser-agnostic"' in html and "absent" not in html
-    assert "lap r=0.05 two_pass a=1" in html
-    assert re.search(r"<td>75\.0</td>\s*<td>50\.0 \[", html)  # WA, then its change
-    assert html.count("50.0 [") == 2  # ΔWA and ΔUAR
-    assert "75.0 %" in html and "50.0 %" in html  # first pass = gold 3/4; from a parsed answer 2/4
-    none = report.injections({"tables": {"summary": summary.iloc[:1]}, "baseline": base, "dir": tmp_path}, 200, 0)
+    assert "lap r=0.05 two_pass a=1" in html and "lap r=0.05 union a=1" in html
+    assert re.search(r"<td>75\.0</td>\s*<td>50\.0 \[25\.0, 75\.0\]</td>", html)  # WA, then its change
+    assert "50.0 [20.0, 80.0]" in html and "75.0 %" in html and "50.0 %" in html and "n/a" in html
+    none = report.injections({"tables": {}})
     assert "absent" in none and "evaluate.interventions" in none

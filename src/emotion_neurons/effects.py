@@ -749,3 +749,59 @@ def average_random(
             rows.append((int(g.index[0]), row))
     rows.sort(key=lambda t: t[0])
     return pd.DataFrame([r for _, r in rows], columns=out_cols)
+
+
+def _wa_w(y: np.ndarray, W: np.ndarray) -> np.ndarray:
+    return (W * y).sum(-1) / W.sum(-1)
+
+
+def _uar_w(y: np.ndarray, emo: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """UAR under row weights W [..., n]: mean over the classes present of each class's weighted accuracy."""
+    accs = []
+    for k in np.unique(emo):
+        on = emo == k
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accs.append((W[..., on] * y[on]).sum(-1) / W[..., on].sum(-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(accs, -1), -1)
+
+
+def ser_injections(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """The label-agnostic injections (`two_pass`, `mix`, `union`: no mask emotion) against the baseline, over
+    the utterances both have: WA and UAR, their paired changes (`dWA`, `dUAR`, fractions) with bootstrap
+    intervals resampling utterances, and the first pass's audit: `first_pred_acc` (share of pseudo-labels
+    equal to the gold label) and `first_from_answer` (share taken from a parsed answer, not the scores)."""
+    from .interventions import INTERVENTIONS
+
+    _check_boot(n_boot, ci)
+    cols = [*CONDITION_COLS, "n", "WA", "UAR", "WA_base", "UAR_base", "dWA", "dWA_lo", "dWA_hi", "dUAR", "dUAR_lo",
+            "dUAR_hi", "first_pred_acc", "first_from_answer"]
+    d = _prep_ser(df)
+    agn = {n for n in INTERVENTIONS.names() if INTERVENTIONS[n].routing != "label"}
+    base = d[d["condition"].eq(BASELINE)].drop_duplicates("id").set_index("id")
+    rows = []
+    for cond, g in d[d["intervention"].astype(str).isin(agn)].groupby("condition", sort=False):
+        g = g.drop_duplicates("id").set_index("id")
+        ids = sorted(set(g.index) & set(base.index))
+        if not ids:
+            continue
+        emo = base.loc[ids, "emotion"].to_numpy()
+        y1 = g.loc[ids, "correct"].to_numpy(float)
+        y0 = base.loc[ids, "correct"].to_numpy(float)
+        W = _cluster_weights(np.array(ids, dtype=object), _rng_for(seed, cond), int(n_boot))
+        one = np.ones(len(ids))
+        row = {c: g[c].iloc[0] for c in CONDITION_COLS}
+        row.update(n=len(ids), WA=float(_wa_w(y1, one)), UAR=float(_uar_w(y1, emo, one)),
+                   WA_base=float(_wa_w(y0, one)), UAR_base=float(_uar_w(y0, emo, one)))
+        boot = {"WA": _wa_w(y1, W) - _wa_w(y0, W), "UAR": _uar_w(y1, emo, W) - _uar_w(y0, emo, W)}
+        for name, b in boot.items():
+            row[f"d{name}"] = row[name] - row[f"{name}_base"]
+            row[f"d{name}_lo"], row[f"d{name}_hi"] = _quantiles(b, ci)
+        has_first = "first_pred" in g.columns and g.loc[ids, "first_pred"].notna().all()  # union: no first pass
+        fp = g.loc[ids, "first_pred"].astype(str).to_numpy() if has_first else None
+        row["first_pred_acc"] = float(np.mean(fp == emo)) if has_first else np.nan
+        src = g.loc[ids, "first_pred_from"] if has_first and "first_pred_from" in g.columns else None
+        row["first_from_answer"] = float(src.eq("answer").mean()) if src is not None else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)

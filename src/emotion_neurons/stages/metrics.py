@@ -55,8 +55,9 @@ def summarize(
     change, effects = metrics.ser_effects(df)
     by_sel = metrics.ser_random_effects(df, n_boot=n_boot, seed=seed, ci=ci)
     vs_random = metrics.ser_vs_random(df, n_boot=n_boot, seed=seed, ci=ci)
+    injections = metrics.ser_injections(df, n_boot=n_boot, seed=seed, ci=ci)  # label-agnostic vs baseline
     return {"summary": summary, "change": change, "effects": effects, "effects_by_selector": by_sel,
-            "vs_random": vs_random}
+            "vs_random": vs_random, "injections": injections}
 
 
 def main(argv: list[str] | None = None) -> int:

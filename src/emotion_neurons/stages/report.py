@@ -299,71 +299,32 @@ def _bars(ax: Any, labels: list[str], y: np.ndarray, lo: np.ndarray, hi: np.ndar
     ax.set_xticks(x, labels, rotation=55, ha="right", fontsize=8)
 
 
-def _wa(y: np.ndarray, e: np.ndarray) -> float:
-    return float(y.mean())
-
-
-def _uar(y: np.ndarray, e: np.ndarray) -> float:
-    return float(np.mean([y[e == k].mean() for k in np.unique(e)]))
-
-
-def _paired_delta(
-    fn: Callable[[np.ndarray, np.ndarray], float], y1: np.ndarray, y0: np.ndarray, emo: np.ndarray,
-    n_boot: int, seed: int, ci: float,
-) -> tuple[float, float, float]:
-    """fn(y1) - fn(y0) over the same utterances, with a percentile interval resampling utterances."""
-    lo, hi = bootstrap_ci(lambda i: fn(y1[i], emo[i]) - fn(y0[i], emo[i]), len(y1), n_boot, seed, ci)
-    return fn(y1, emo) - fn(y0, emo), lo, hi
-
-
-def injections(t: dict[str, Any], n_boot: int, seed: int, ci: float = 0.95) -> str:
-    """SER label-agnostic injections (Paper B: two_pass, mix, union) against the baseline: WA and UAR of each
-    injection condition, the paired change in points with a bootstrap interval over utterances, and the audit
-    of the first pass (how often its pseudo-label was the gold label, and how often it came from a parsed
-    answer rather than the option scores)."""
-    from ..interventions import INTERVENTIONS
-
+def injections(t: dict[str, Any]) -> str:
+    """SER label-agnostic injections (Paper B: two_pass, mix, union) against the baseline, from the metrics
+    table `injections.tsv` (`metrics.ser_injections`): WA and UAR, the paired change with its interval, and
+    the audit of the first pass."""
     fid, title = "ser-agnostic", "SER label-agnostic injections (two_pass, mix, union) vs the baseline"
-    summ = t["tables"].get("summary")
-    base = t.get("baseline")
-    if summ is None or base is None or base.empty or "intervention" not in summ.columns:
-        return absent(fid, title, "no SER summary table or no baseline rows")
-    agn = {n for n in INTERVENTIONS.names() if INTERVENTIONS[n].routing != "label"}
-    conds = summ[summ["intervention"].astype(str).isin(agn)].drop_duplicates("condition")
-    if conds.empty:
+    inj = t["tables"].get("injections")
+    if inj is None or inj.empty:
         return absent(fid, title, "no label-agnostic injection was evaluated (evaluate.interventions)")
-    b = base[base["mask_emotion"].isna() | base["mask_emotion"].astype(str).eq("")] if "mask_emotion" in base else base
-    b = b.drop_duplicates("id").set_index("id")
-    rows = []
-    for c in conds.itertuples(index=False):
-        inj = _read_judged(t["dir"], str(c.condition))
-        if inj is None:
-            continue
-        inj = inj[inj["status"].eq("ok")].drop_duplicates("id").set_index("id")
-        ids = sorted(set(inj.index) & set(b.index))
-        if not ids:
-            continue
-        emo = b.loc[ids, "emotion"].astype(str).to_numpy()
-        yb = b.loc[ids, "correct"].astype(float).to_numpy()
-        yi = inj.loc[ids, "correct"].astype(float).to_numpy()
 
-        row: dict[str, Any] = {"setting": label(c._asdict()), "n": len(ids)}
-        for name, fn in (("WA", _wa), ("UAR", _uar)):
-            d, lo, hi = _paired_delta(fn, yi, yb, emo, n_boot, seed, ci)
-            row[name] = f"{100 * fn(yi, emo):.1f}"
-            row[f"Δ{name} vs baseline"] = fmt_ci(d, lo, hi, 100)
-        if "first_pred" in inj.columns:
-            fp = inj.loc[ids, "first_pred"].astype(str).to_numpy()
-            row["first pass = gold"] = f"{100 * float(np.mean(fp == emo)):.1f} %"
-            if "first_pred_from" in inj.columns:
-                row["from parsed answer"] = f"{100 * float(inj.loc[ids, 'first_pred_from'].eq('answer').mean()):.1f} %"
-        rows.append(row)
-    if not rows:
-        return absent(fid, title, "no judged rows of the injection conditions shared utterances with the baseline")
+    def pct(x: Any) -> str:
+        return "n/a" if x is None or not np.isfinite(float(x)) else f"{100 * float(x):.1f} %"
+
+    rows = []
+    for r in inj.to_dict("records"):
+        rows.append({
+            "setting": label(r), "n": int(r["n"]),
+            "WA": f"{100 * float(r['WA']):.1f}", "ΔWA vs baseline": fmt_ci(r["dWA"], r["dWA_lo"], r["dWA_hi"], 100),
+            "UAR": f"{100 * float(r['UAR']):.1f}",
+            "ΔUAR vs baseline": fmt_ci(r["dUAR"], r["dUAR_lo"], r["dUAR_hi"], 100),
+            "first pass = gold": pct(r["first_pred_acc"]), "from parsed answer": pct(r["first_from_answer"]),
+        })
     how = ("the test label is unknown: an unintervened first pass predicts an emotion (two_pass steers its mask), "
            "gives option scores (mix steers sum_e softmax(s/tau)_e m_e) or is not needed (union steers the OR of all "
-           "masks). Δ is the paired change over the same utterances, in points; the first pass's prediction and "
-           "scores of every utterance are in its outputs (first_pred, first_scores, injection_weights).")
+           "masks). Δ is the paired change over the same utterances, in points, with a bootstrap interval over "
+           "utterances; the first pass's prediction and scores of every utterance are in its outputs (first_pred, "
+           "first_scores, injection_weights).")
     return figure(fid, title, how, _table(pd.DataFrame(rows)))
 
 
@@ -779,7 +740,7 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
         body.extend(sweep_absent(task, tb))
         if task == "ser":
             body.append(change_matrices(tb))
-            body.append(injections(t, n_boot, seed, ci))
+            body.append(injections(t))
             body.append(absent("ser-transfer", "SER transfer matrices",
                                "the run evaluates masks on the dataset and task they were selected on only"))
         body.append(layer_figures(task, t["masks"]))
