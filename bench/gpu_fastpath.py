@@ -55,7 +55,25 @@ from emotion_neurons.types import GenerationSettings
 
 MODES = ("plain", "capture", "steer", "steer0")
 DECODINGS = {"eager": ("dynamic", "off"), "static": ("static", "off"), "graph": ("static", "cudagraphs"),
-             "inductor": ("static", "inductor")}  # fmt: skip
+             "inductor": ("static", "inductor"),
+             # bench-only references: torch's stock cudagraphs backend (run 1's `graph`), inductor emulating
+             # eager's bf16 rounding of intermediates
+             "graph_stock": ("static", "stock_cudagraphs"), "inductor_exact": ("static", "inductor_exact")}  # fmt: skip
+
+
+def decoding_args(name: str) -> tuple[str, Any]:
+    """`adapter.set_decoding` arguments of a decoding name (bench-only names become a CompileConfig)."""
+    cache, comp = DECODINGS[name]
+    if comp in ("stock_cudagraphs", "inductor_exact"):
+        from transformers import CompileConfig
+
+        if comp == "stock_cudagraphs":
+            return cache, CompileConfig(fullgraph=False, dynamic=False, backend="cudagraphs", mode=None)
+        return cache, CompileConfig(
+            fullgraph=False, dynamic=False, backend="inductor", mode=None,
+            options={"triton.cudagraphs": True, "emulate_precision_casts": True},
+        )  # fmt: skip
+    return cache, comp
 KEEP_LOGITS = 4
 SAVE: list = []  # callbacks that write the partial result (set by main)
 
@@ -100,7 +118,7 @@ def lm_read_bytes(adapter: Any) -> int:
 
 def run_batches(
     adapter: Any, hooks: Hooks, insts: list, audios: list, bs: int, settings: GenerationSettings,
-    ids: IdRecorder, device: torch.device, warmup: bool = True,
+    ids: IdRecorder, device: torch.device, warmup: bool = True, keep_wavs: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Generate all instances in batches of `bs` (one untimed warm-up batch first); time per generate call."""
     batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
@@ -126,6 +144,8 @@ def run_batches(
             plen = int(prepared.inputs["input_ids"].shape[1])
             new = ids.last[:, plen:]
             for j, i in enumerate(idx):
+                if keep_wavs is not None and gen[j].wav is not None:
+                    keep_wavs[insts[i].id] = gen[j].wav
                 rows[insts[i].id] = {
                     "ids": new[j].tolist(),
                     "n_generated": gen[j].n_generated,
@@ -162,6 +182,50 @@ def logit_gap(a: dict, b: dict) -> float | None:
         n = max(1, min(n + 1, la.shape[0]))  # include the step whose argmax differs
         worst = max(worst, float((la[:n].float() - lb[:n].float()).abs().max()))
     return worst
+
+
+def profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding, res) -> None:
+    """torch.profiler over one timed batch per decoding x mode: where the time of a mode goes (CPU ops and
+    kernels, CUDA-graph launches), written to profile.txt; dynamo's counters (graph breaks, cudagraph skips)
+    go to the result."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    bs = args.profile_batch_size
+    sub, aud = insts[:bs], audios[:bs]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    lines, summary = [], []
+    for dec in args.profile_decodings:
+        decoding(dec)
+        for mode in args.profile_modes:
+            hooks = Hooks(adapter, mode, masks)
+            t0 = time.perf_counter()
+            try:
+                run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)  # compile, warm up
+                with profile(activities=acts) as prof:
+                    r = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
+                plain = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
+            except Exception as e:  # noqa: BLE001 - report the cell, go on
+                summary.append({"decoding": dec, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
+                log(f"profile {dec} {mode} failed: {e}")
+                continue
+            ka = prof.key_averages()
+            launches = {k: sum(e.count for e in ka if e.key == k) for k in ("cudaGraphLaunch", "cudaLaunchKernel")}
+            row = {"decoding": dec, "mode": mode, "batch_size": bs, "s_per_call_profiled": r["seconds_per_call"],
+                   "s_per_call_unprofiled": plain["seconds_per_call"], **launches,
+                   "setup_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            summary.append(row)
+            log(f"profile: {json.dumps(row)}")
+            lines.append(f"===== {json.dumps(row)}")
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                try:
+                    lines.append(ka.table(sort_by=key, row_limit=25, max_name_column_width=70))
+                except Exception as e:  # noqa: BLE001 - older torch names the column differently
+                    lines.append(f"(no table by {key}: {e})")
+            res["profile"] = summary
+            res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
+            Path(args.out, "profile.txt").write_text("\n".join(lines))
+            save()
 
 
 def text_settings(n_tokens: int, cache_len: int, logits: bool = True) -> GenerationSettings:
@@ -203,8 +267,13 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     st1 = text_settings(1, 0, logits=False)
 
     def decoding(name: str) -> None:
-        adapter.set_decoding(*DECODINGS[name])
+        adapter.set_decoding(*decoding_args(name))
 
+    if args.profile_decodings:
+        profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding, res)
+
+    if args.profile_only:
+        return
     # -- goal 1 + 2: modes x batch sizes x decodings --------------------------------------------------------
     grid: dict[str, Any] = {}
     for dec in args.decodings:
@@ -263,7 +332,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     res["grid"] = [v["row"] for v in grid.values()]
     ordered = [d for d in args.decodings if d not in args.plain_only]
     # goal 4b: ids across batch sizes (plain, first decoding)
-    d0 = ordered[0]
+    d0 = ordered[0] if ordered else None
     b_ = [bs for bs in args.batch_sizes if f"{d0}/{bs}" in grid]
     cross = {}
     for bs in b_[1:]:
@@ -310,37 +379,64 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
             extra={"thinker_min_new_tokens": args.speech_tokens, "talker_do_sample": False,
                    "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
         )  # fmt: skip
+        wav_ref: dict[int, dict] = {}  # bs -> per-row token2wav waveforms, the reference of the batched ones
         for dec in args.speech_decodings:
             decoding(dec)
-            for bs in args.speech_batch_sizes:
-                sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
-                t0 = time.perf_counter()
-                try:
-                    r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device)
-                except Exception as e:  # noqa: BLE001 - report the cell, go on
-                    sp_rows.append({"decoding": dec, "batch_size": bs, "error": f"{type(e).__name__}: {e}"[:400]})
-                    log(f"speech {dec} bs={bs} failed: {e}")
-                    gc.collect()
-                    torch.cuda.empty_cache() if device.type == "cuda" else None
-                    continue
-                wav = [v["wav_samples"] for v in r["rows"].values()]
-                audio_s = float(np.mean(wav)) / adapter.output_sample_rate
-                row = {
-                    "decoding": dec, "batch_size": bs, "n": len(sub),
-                    "s_per_utterance": round(r["seconds_per_instance"], 4),
-                    "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
-                    "audio_seconds_per_utterance": round(audio_s, 3),
-                    "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
-                    "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
-                }  # fmt: skip
-                sp_rows.append(row)
-                save()
-                log(f"speech {dec} bs={bs}: {json.dumps(row)}")
+            for t2w in args.token2wav_batch_sizes:
+                for bs in args.speech_batch_sizes:
+                    if t2w > 1 and bs == 1:
+                        continue
+                    adapter.set_speech(min(t2w, bs) if t2w > 1 else 1)
+                    sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
+                    t0 = time.perf_counter()
+                    wavs: dict = {}
+                    try:
+                        r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device,
+                                        keep_wavs=wavs)  # fmt: skip
+                    except Exception as e:  # noqa: BLE001 - report the cell, go on
+                        sp_rows.append({"decoding": dec, "token2wav_batch": t2w, "batch_size": bs,
+                                        "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
+                        log(f"speech {dec} t2w={t2w} bs={bs} failed: {e}")
+                        gc.collect()
+                        torch.cuda.empty_cache() if device.type == "cuda" else None
+                        continue
+                    wav = [v["wav_samples"] for v in r["rows"].values()]
+                    audio_s = float(np.mean(wav)) / adapter.output_sample_rate
+                    row = {
+                        "decoding": dec, "token2wav_batch": min(t2w, bs), "batch_size": bs, "n": len(sub),
+                        "s_per_utterance": round(r["seconds_per_instance"], 4),
+                        "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
+                        "audio_seconds_per_utterance": round(audio_s, 3),
+                        "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
+                        "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
+                    }  # fmt: skip
+                    if dec == args.speech_decodings[0] and t2w == 1:
+                        wav_ref[bs] = {"wavs": wavs, "ids": {k: v["ids"] for k, v in r["rows"].items()}}
+                    ref = wav_ref.get(bs)
+                    if ref is not None and t2w > 1:
+                        common = [k for k in wavs if k in ref["wavs"]]
+                        same_len = [k for k in common if ref["wavs"][k].shape == wavs[k].shape]
+                        row["wav_rows_same_length_as_per_row"] = f"{len(same_len)}/{len(common)}"
+                        row["thinker_ids_equal_per_row"] = sum(ref["ids"][k] == r["rows"][k]["ids"] for k in common)
+                        if same_len:
+                            row["wav_max_abs_diff_vs_per_row"] = float(
+                                max(np.abs(ref["wavs"][k] - wavs[k]).max() for k in same_len)
+                            )
+                            row["wav_min_corr_vs_per_row"] = float(
+                                min(np.corrcoef(ref["wavs"][k], wavs[k])[0, 1] for k in same_len)
+                            )
+                    sp_rows.append(row)
+                    save()
+                    log(f"speech {dec} bs={bs}: {json.dumps(row)}")
+            adapter.set_speech(1)
         base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
         for r in sp_rows:
             if base and "error" not in r:
                 r["throughput_vs_bs1_eager"] = round(base["s_per_utterance"] / r["s_per_utterance"], 3)
     res["speech"] = sp_rows
+    from torch._dynamo.utils import counters
+
+    res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
     ids.remove()
     adapter.set_decoding("dynamic", "off")
 
@@ -391,17 +487,34 @@ def markdown(result: dict[str, Any]) -> str:
             f"{d['rows_equal_run_to_run_deterministic']}/{n} | {d['rows_equal_on_vs_off']}/{n} |"
         )
     out += ["", "Goal 3 (speech: thinker + talker + token2wav)", "",
-            "| thinker decoding | bs | s/utterance | utterances/s | x bs-1 eager | audio s | RTF | peak GiB |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "| thinker decoding | token2wav rows/call | bs | s/utterance | utterances/s | x bs-1 | audio s | RTF | peak GiB | thinker ids = per-row | wav max abs diff / min corr vs per-row |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result.get("speech", []):
         if "error" in r:
-            out.append(f"| {r['decoding']} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | |")
+            out.append(f"| {r['decoding']} | {r.get('token2wav_batch')} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | | | |")
             continue
+        diff = (f"{r['wav_max_abs_diff_vs_per_row']:.2e} / {r['wav_min_corr_vs_per_row']:.6f}"
+                if "wav_max_abs_diff_vs_per_row" in r else "-")  # fmt: skip
         out.append(
-            f"| {r['decoding']} | {r['batch_size']} | {r['s_per_utterance']} | {r['utterances_per_s']} "
-            f"| {r.get('throughput_vs_bs1_eager', '-')} | {r['audio_seconds_per_utterance']} "
-            f"| {r['real_time_factor']} | {r['peak_gib']} |"
+            f"| {r['decoding']} | {r.get('token2wav_batch', 1)} | {r['batch_size']} | {r['s_per_utterance']} "
+            f"| {r['utterances_per_s']} | {r.get('throughput_vs_bs1_eager', '-')} | {r['audio_seconds_per_utterance']} "
+            f"| {r['real_time_factor']} | {r['peak_gib']} | {r.get('thinker_ids_equal_per_row', '-')} | {diff} |"
         )
+    if result.get("profile"):
+        out += ["", "Profile (one batch per cell; profile.txt has the tables)", "",
+                "| decoding | mode | bs | s/call profiled | s/call | cudaGraphLaunch | cudaLaunchKernel |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in result["profile"]:
+            if "error" in r:
+                out.append(f"| {r['decoding']} | {r['mode']} | | ERROR {r['error'][:120]} | | | |")
+                continue
+            out.append(
+                f"| {r['decoding']} | {r['mode']} | {r['batch_size']} | {r['s_per_call_profiled']} "
+                f"| {r['s_per_call_unprofiled']} | {r['cudaGraphLaunch']} | {r['cudaLaunchKernel']} |"
+            )
+        skips = result.get("dynamo_counters", {}).get("inductor", {}).get("cudagraph_skips")
+        out += ["", f"dynamo counters: cudagraph_skips {skips}; graph breaks "
+                f"{json.dumps(result.get('dynamo_counters', {}).get('graph_break', {}))[:600]}"]  # fmt: skip
     if "error" in result:
         out += ["", "ERROR: " + result["error"].splitlines()[-1]]
     return "\n".join(out) + "\n"
@@ -417,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--n-per-bs", type=parse_n, default=parse_n("1:4,8:16,32:32"), help="instances per batch size")
-    ap.add_argument("--decodings", nargs="+", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
+    ap.add_argument("--decodings", nargs="*", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
     ap.add_argument(
         "--plain-only", nargs="*", default=["static"], help="decodings timed in plain mode only (references)"
     )
@@ -427,10 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-frac", type=float, default=0.005)
     ap.add_argument("--det-batch-size", type=int, default=8)
     ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 16])
-    ap.add_argument("--speech-decodings", nargs="+", default=["eager", "static"], choices=sorted(DECODINGS))
+    ap.add_argument("--speech-decodings", nargs="+", default=["eager"], choices=sorted(DECODINGS))
     ap.add_argument("--speech-min-n", type=int, default=2)
     ap.add_argument("--speech-tokens", type=int, default=32)
     ap.add_argument("--codec-tokens", type=int, default=200)
+    ap.add_argument("--token2wav-batch-sizes", type=int, nargs="+", default=[1, 32],
+                    help="model.token2wav_batch_size per speech cell (capped at the batch size; 1 = upstream)")
+    ap.add_argument("--profile-decodings", nargs="*", default=[], choices=sorted(DECODINGS),
+                    help="torch.profiler tables of one timed batch per decoding x mode (profile.txt under --out)")
+    ap.add_argument("--profile-modes", nargs="+", default=["plain", "capture"], choices=MODES)
+    ap.add_argument("--profile-batch-size", type=int, default=8)
+    ap.add_argument("--profile-only", action="store_true", help="stop after the profile")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -439,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(1)
-        for d in ("graph", "inductor"):  # CUDA graphs need a GPU; the CPU smoke test runs the static cache eagerly
+        for d in ("graph", "inductor", "graph_stock", "inductor_exact"):  # CUDA graphs need a GPU; the CPU smoke test runs the static cache eagerly
             args.decodings = ["static" if x == d else x for x in args.decodings]
             args.speech_decodings = ["static" if x == d else x for x in args.speech_decodings]
     # every (mode, batch size) is its own compiled decode step; the default limit of 8 would fall back to eager

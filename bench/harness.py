@@ -266,15 +266,19 @@ def add_random_speaker(model: Any, tiny_dir: Path, ref_frames: int = 300, seed: 
 
 
 def clamp_token2wav_codes(model: Any) -> None:
-    """A random talker emits codec ids up to 8447 while token2wav embeds 8193: clamp (else a device assert)."""
-    t2w = model.token2wav
+    """A random talker emits codec ids up to 8447 while token2wav embeds 8193: clamp (else a device assert).
+
+    At the DiT's codec embedding, the only reader of the codes, so the per-row and the batched token2wav
+    paths (`model.token2wav_batch_size`) both see the clamped codes.
+    """
+    embed = model.token2wav.code2wav_dit_model.text_embed
     n = int(model.config.token2wav_config.dit_config.num_embeds)
-    forward = t2w.forward
+    forward = embed.forward
 
     def clamped(code, *args, **kwargs):
         return forward(code.clamp(0, n - 1), *args, **kwargs)
 
-    t2w.forward = clamped
+    embed.forward = clamped
 
 
 def af3_config(tiny_dir: Path, tiny: bool) -> Any:
