@@ -458,7 +458,12 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 class Hooks:
-    """The hook set of one mode: none (plain), tracker + recorder (capture), tracker + steer (steer, steer0)."""
+    """The hook set of one mode: none (plain), tracker + recorder (capture), tracker + steer (steer, steer0).
+
+    The recorder and the intervention are made once and re-attached for every `attached()` (as
+    `generate.run` keeps one per shard): their device buffers keep their addresses, so a compiled / CUDA-graph
+    decode step is not re-recorded on every timed call.
+    """
 
     def __init__(self, adapter: Any, mode: str, masks: torch.Tensor) -> None:
         self.adapter, self.mode, self.masks = adapter, mode, masks
@@ -467,18 +472,20 @@ class Hooks:
         self.root = adapter.decoder_root("thinker")
         self.iv: Intervention | None = None
         self.rec: StatsRecorder | None = None
+        if mode in ("steer", "steer0"):
+            spec = InterventionSpec("steer", alpha=1.0 if mode == "steer" else 0.0, positions="all")
+            self.iv = Intervention(self.sites, self.tracker, spec)
+        if mode == "capture":
+            self.rec = StatsRecorder(self.sites, self.tracker)
 
     @contextlib.contextmanager
     def attached(self):
         with contextlib.ExitStack() as stack:
             if self.mode != "plain":
                 stack.enter_context(self.tracker.attached(self.root))
-            if self.mode in ("steer", "steer0"):
-                alpha = 1.0 if self.mode == "steer" else 0.0
-                spec = InterventionSpec("steer", alpha=alpha, positions="all")
-                self.iv = stack.enter_context(Intervention(self.sites, self.tracker, spec).attached())
-            if self.mode == "capture":
-                self.rec = stack.enter_context(StatsRecorder(self.sites, self.tracker).attached())
+            for part in (self.iv, self.rec):
+                if part is not None:
+                    stack.enter_context(part.attached())
             yield self
 
     def arm(self, prepared: Any) -> None:
