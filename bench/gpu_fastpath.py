@@ -272,8 +272,77 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     if args.profile_decodings:
         profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding, res)
 
+    def speech_section() -> None:
+        """Goal 3 cells; first with --speech-first (a run cut at its time limit keeps them)."""
+        # -- goal 3: speech ----------------------------------------------------------------------------------------
+        sp_rows: list[dict[str, Any]] = []
+        res["speech"] = sp_rows
+        if speech:
+            ss = GenerationSettings(
+                max_new_tokens=args.speech_tokens, want_audio=True, speaker=adapter.resolve_speaker() or "",
+                extra={"thinker_min_new_tokens": args.speech_tokens, "talker_do_sample": False,
+                       "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
+            )  # fmt: skip
+            wav_ref: dict[int, dict] = {}  # bs -> per-row token2wav waveforms, the reference of the batched ones
+            for dec in args.speech_decodings:
+                decoding(dec)
+                for t2w in args.token2wav_batch_sizes:
+                    for bs in args.speech_batch_sizes:
+                        if (t2w > 1 and bs == 1) or (t2w == 1 and bs > args.per_row_max_bs):
+                            continue
+                        adapter.set_speech(min(t2w, bs) if t2w > 1 else 1)
+                        sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
+                        t0 = time.perf_counter()
+                        wavs: dict = {}
+                        try:
+                            r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device,
+                                            keep_wavs=wavs)  # fmt: skip
+                        except Exception as e:  # noqa: BLE001 - report the cell, go on
+                            sp_rows.append({"decoding": dec, "token2wav_batch": t2w, "batch_size": bs,
+                                            "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
+                            log(f"speech {dec} t2w={t2w} bs={bs} failed: {e}")
+                            gc.collect()
+                            torch.cuda.empty_cache() if device.type == "cuda" else None
+                            continue
+                        wav = [v["wav_samples"] for v in r["rows"].values()]
+                        audio_s = float(np.mean(wav)) / adapter.output_sample_rate
+                        row = {
+                            "decoding": dec, "token2wav_batch": min(t2w, bs), "batch_size": bs, "n": len(sub),
+                            "s_per_utterance": round(r["seconds_per_instance"], 4),
+                            "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
+                            "audio_seconds_per_utterance": round(audio_s, 3),
+                            "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
+                            "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
+                        }  # fmt: skip
+                        if dec == args.speech_decodings[0] and t2w == 1:
+                            wav_ref[bs] = {"wavs": wavs, "ids": {k: v["ids"] for k, v in r["rows"].items()}}
+                        ref = wav_ref.get(bs)
+                        if ref is not None and t2w > 1:
+                            common = [k for k in wavs if k in ref["wavs"]]
+                            same_len = [k for k in common if ref["wavs"][k].shape == wavs[k].shape]
+                            row["wav_rows_same_length_as_per_row"] = f"{len(same_len)}/{len(common)}"
+                            row["thinker_ids_equal_per_row"] = sum(ref["ids"][k] == r["rows"][k]["ids"] for k in common)
+                            if same_len:
+                                row["wav_max_abs_diff_vs_per_row"] = float(
+                                    max(np.abs(ref["wavs"][k] - wavs[k]).max() for k in same_len)
+                                )
+                                row["wav_min_corr_vs_per_row"] = float(
+                                    min(np.corrcoef(ref["wavs"][k], wavs[k])[0, 1] for k in same_len)
+                                )
+                        sp_rows.append(row)
+                        save()
+                        log(f"speech {dec} bs={bs}: {json.dumps(row)}")
+                adapter.set_speech(1)
+            base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
+            for r in sp_rows:
+                if base and "error" not in r:
+                    r["throughput_vs_bs1_eager"] = round(base["s_per_utterance"] / r["s_per_utterance"], 3)
+        res["speech"] = sp_rows
+
     if args.profile_only:
         return
+    if args.speech_first:
+        speech_section()
     # -- goal 1 + 2: modes x batch sizes x decodings --------------------------------------------------------
     grid: dict[str, Any] = {}
     for dec in args.decodings:
@@ -371,70 +440,8 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     res["deterministic"] = det
     save()
 
-    # -- goal 3: speech ----------------------------------------------------------------------------------------
-    sp_rows: list[dict[str, Any]] = []
-    res["speech"] = sp_rows
-    if speech:
-        ss = GenerationSettings(
-            max_new_tokens=args.speech_tokens, want_audio=True, speaker=adapter.resolve_speaker() or "",
-            extra={"thinker_min_new_tokens": args.speech_tokens, "talker_do_sample": False,
-                   "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
-        )  # fmt: skip
-        wav_ref: dict[int, dict] = {}  # bs -> per-row token2wav waveforms, the reference of the batched ones
-        for dec in args.speech_decodings:
-            decoding(dec)
-            for t2w in args.token2wav_batch_sizes:
-                for bs in args.speech_batch_sizes:
-                    if t2w > 1 and bs == 1:
-                        continue
-                    adapter.set_speech(min(t2w, bs) if t2w > 1 else 1)
-                    sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
-                    t0 = time.perf_counter()
-                    wavs: dict = {}
-                    try:
-                        r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device,
-                                        keep_wavs=wavs)  # fmt: skip
-                    except Exception as e:  # noqa: BLE001 - report the cell, go on
-                        sp_rows.append({"decoding": dec, "token2wav_batch": t2w, "batch_size": bs,
-                                        "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
-                        log(f"speech {dec} t2w={t2w} bs={bs} failed: {e}")
-                        gc.collect()
-                        torch.cuda.empty_cache() if device.type == "cuda" else None
-                        continue
-                    wav = [v["wav_samples"] for v in r["rows"].values()]
-                    audio_s = float(np.mean(wav)) / adapter.output_sample_rate
-                    row = {
-                        "decoding": dec, "token2wav_batch": min(t2w, bs), "batch_size": bs, "n": len(sub),
-                        "s_per_utterance": round(r["seconds_per_instance"], 4),
-                        "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
-                        "audio_seconds_per_utterance": round(audio_s, 3),
-                        "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
-                        "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
-                    }  # fmt: skip
-                    if dec == args.speech_decodings[0] and t2w == 1:
-                        wav_ref[bs] = {"wavs": wavs, "ids": {k: v["ids"] for k, v in r["rows"].items()}}
-                    ref = wav_ref.get(bs)
-                    if ref is not None and t2w > 1:
-                        common = [k for k in wavs if k in ref["wavs"]]
-                        same_len = [k for k in common if ref["wavs"][k].shape == wavs[k].shape]
-                        row["wav_rows_same_length_as_per_row"] = f"{len(same_len)}/{len(common)}"
-                        row["thinker_ids_equal_per_row"] = sum(ref["ids"][k] == r["rows"][k]["ids"] for k in common)
-                        if same_len:
-                            row["wav_max_abs_diff_vs_per_row"] = float(
-                                max(np.abs(ref["wavs"][k] - wavs[k]).max() for k in same_len)
-                            )
-                            row["wav_min_corr_vs_per_row"] = float(
-                                min(np.corrcoef(ref["wavs"][k], wavs[k])[0, 1] for k in same_len)
-                            )
-                    sp_rows.append(row)
-                    save()
-                    log(f"speech {dec} bs={bs}: {json.dumps(row)}")
-            adapter.set_speech(1)
-        base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
-        for r in sp_rows:
-            if base and "error" not in r:
-                r["throughput_vs_bs1_eager"] = round(base["s_per_utterance"] / r["s_per_utterance"], 3)
-    res["speech"] = sp_rows
+    if not args.speech_first:
+        speech_section()
     from torch._dynamo.utils import counters
 
     res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
@@ -547,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codec-tokens", type=int, default=200)
     ap.add_argument("--token2wav-batch-sizes", type=int, nargs="+", default=[1, 32],
                     help="model.token2wav_batch_size per speech cell (capped at the batch size; 1 = upstream)")
+    ap.add_argument("--per-row-max-bs", type=int, default=8, help="largest bs timed with per-row token2wav")
+    ap.add_argument("--speech-first", action="store_true", help="speech cells before the text grid")
     ap.add_argument("--profile-decodings", nargs="*", default=[], choices=sorted(DECODINGS),
                     help="torch.profiler tables of one timed batch per decoding x mode (profile.txt under --out)")
     ap.add_argument("--profile-modes", nargs="+", default=["plain", "capture"], choices=MODES)
