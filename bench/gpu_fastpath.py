@@ -7,14 +7,16 @@ the table of every goal and writes `results.json` / `results.md` under `--out`:
 
 1. capture / steer (alpha 1, 0.5 % of the gate neurons of every layer) / steer0 (alpha 0) time over plain at
    batch sizes 1, 8, 32, per decoding path (`eager`: dynamic cache, today's default; `graph`: static KV cache
-   with the decode step compiled by `torch.compile(backend="cudagraphs")`, i.e. `model.cache_implementation:
-   static`, `model.compile: cudagraphs`; optionally `inductor`), with the rows whose ids equal plain's.
+   with the decode step captured as CUDA graphs by `emotion_neurons.cudagraphs`, i.e.
+   `model.cache_implementation: static`, `model.compile: cudagraphs`; `graph_stock`: torch's own cudagraphs
+   backend; `inductor`; `inductor_exact`: inductor emulating eager's bf16 rounding), with the rows whose ids
+   equal plain's.
 2. decode time per token at bs 1 (and 8): (t(T tokens) - t(1 token)) / (T - 1) per generate call, against the
    floor = bytes of the language-model weights read per step (decoder layers + final norm + lm_head; the
    embedding table is not read) / device-to-device copy bandwidth measured here; ids and the first steps'
    logits against the eager path.
 3. speech (thinker + talker + token2wav, `want_audio`) seconds per utterance and peak memory per batch size,
-   eager and with the thinker fast path.
+   with token2wav per row (upstream) and batched (`model.token2wav_batch_size`), waves compared row by row.
 4. `model.deterministic` (cuDNN SDPA off) against cuDNN SDPA on: time and ids; plain ids at bs 1 vs 8 vs 32.
 
 Run:        PYTHONPATH=src python bench/gpu_fastpath.py --out DIR

@@ -306,8 +306,9 @@ class QwenOmniAdapter(ModelAdapter):
 
         `static` pre-allocates the KV cache (transformers `StaticCache`), which makes the decode step shape-stable;
         `compile` then compiles it: `cudagraphs` replays the eager kernels as one CUDA graph per step (same
-        arithmetic as eager, seconds to capture), `inductor` fuses kernels too (mode reduce-overhead, tens of
-        seconds to compile). The capture and intervention hooks run inside the compiled step. A
+        arithmetic as eager, seconds to capture; our backend, `emotion_neurons.cudagraphs`, because torch's
+        keeps the KV-cache writes outside the graph), `inductor` fuses kernels too (mode reduce-overhead, tens
+        of seconds to compile, other bf16 rounding). The capture and intervention hooks run inside the compiled step. A
         `transformers.CompileConfig` may be given instead of a name (tests).
         """
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
