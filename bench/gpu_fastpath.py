@@ -7,14 +7,16 @@ the table of every goal and writes `results.json` / `results.md` under `--out`:
 
 1. capture / steer (alpha 1, 0.5 % of the gate neurons of every layer) / steer0 (alpha 0) time over plain at
    batch sizes 1, 8, 32, per decoding path (`eager`: dynamic cache, today's default; `graph`: static KV cache
-   with the decode step compiled by `torch.compile(backend="cudagraphs")`, i.e. `model.cache_implementation:
-   static`, `model.compile: cudagraphs`; optionally `inductor`), with the rows whose ids equal plain's.
+   with the decode step captured as CUDA graphs by `emotion_neurons.cudagraphs`, i.e.
+   `model.cache_implementation: static`, `model.compile: cudagraphs`; `graph_stock`: torch's own cudagraphs
+   backend; `inductor`; `inductor_exact`: inductor emulating eager's bf16 rounding), with the rows whose ids
+   equal plain's.
 2. decode time per token at bs 1 (and 8): (t(T tokens) - t(1 token)) / (T - 1) per generate call, against the
    floor = bytes of the language-model weights read per step (decoder layers + final norm + lm_head; the
    embedding table is not read) / device-to-device copy bandwidth measured here; ids and the first steps'
    logits against the eager path.
 3. speech (thinker + talker + token2wav, `want_audio`) seconds per utterance and peak memory per batch size,
-   eager and with the thinker fast path.
+   with token2wav per row (upstream) and batched (`model.token2wav_batch_size`), waves compared row by row.
 4. `model.deterministic` (cuDNN SDPA off) against cuDNN SDPA on: time and ids; plain ids at bs 1 vs 8 vs 32.
 
 Run:        PYTHONPATH=src python bench/gpu_fastpath.py --out DIR
@@ -55,7 +57,25 @@ from emotion_neurons.types import GenerationSettings
 
 MODES = ("plain", "capture", "steer", "steer0")
 DECODINGS = {"eager": ("dynamic", "off"), "static": ("static", "off"), "graph": ("static", "cudagraphs"),
-             "inductor": ("static", "inductor")}  # fmt: skip
+             "inductor": ("static", "inductor"),
+             # bench-only references: torch's stock cudagraphs backend (run 1's `graph`), inductor emulating
+             # eager's bf16 rounding of intermediates
+             "graph_stock": ("static", "stock_cudagraphs"), "inductor_exact": ("static", "inductor_exact")}  # fmt: skip
+
+
+def decoding_args(name: str) -> tuple[str, Any]:
+    """`adapter.set_decoding` arguments of a decoding name (bench-only names become a CompileConfig)."""
+    cache, comp = DECODINGS[name]
+    if comp in ("stock_cudagraphs", "inductor_exact"):
+        from transformers import CompileConfig
+
+        if comp == "stock_cudagraphs":
+            return cache, CompileConfig(fullgraph=False, dynamic=False, backend="cudagraphs", mode=None)
+        return cache, CompileConfig(
+            fullgraph=False, dynamic=False, backend="inductor", mode=None,
+            options={"triton.cudagraphs": True, "emulate_precision_casts": True},
+        )  # fmt: skip
+    return cache, comp
 KEEP_LOGITS = 4
 SAVE: list = []  # callbacks that write the partial result (set by main)
 
@@ -100,7 +120,7 @@ def lm_read_bytes(adapter: Any) -> int:
 
 def run_batches(
     adapter: Any, hooks: Hooks, insts: list, audios: list, bs: int, settings: GenerationSettings,
-    ids: IdRecorder, device: torch.device, warmup: bool = True,
+    ids: IdRecorder, device: torch.device, warmup: bool = True, keep_wavs: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Generate all instances in batches of `bs` (one untimed warm-up batch first); time per generate call."""
     batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
@@ -126,6 +146,8 @@ def run_batches(
             plen = int(prepared.inputs["input_ids"].shape[1])
             new = ids.last[:, plen:]
             for j, i in enumerate(idx):
+                if keep_wavs is not None and gen[j].wav is not None:
+                    keep_wavs[insts[i].id] = gen[j].wav
                 rows[insts[i].id] = {
                     "ids": new[j].tolist(),
                     "n_generated": gen[j].n_generated,
@@ -162,6 +184,50 @@ def logit_gap(a: dict, b: dict) -> float | None:
         n = max(1, min(n + 1, la.shape[0]))  # include the step whose argmax differs
         worst = max(worst, float((la[:n].float() - lb[:n].float()).abs().max()))
     return worst
+
+
+def profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding, res) -> None:
+    """torch.profiler over one timed batch per decoding x mode: where the time of a mode goes (CPU ops and
+    kernels, CUDA-graph launches), written to profile.txt; dynamo's counters (graph breaks, cudagraph skips)
+    go to the result."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    bs = args.profile_batch_size
+    sub, aud = insts[:bs], audios[:bs]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    lines, summary = [], []
+    for dec in args.profile_decodings:
+        decoding(dec)
+        for mode in args.profile_modes:
+            hooks = Hooks(adapter, mode, masks)
+            t0 = time.perf_counter()
+            try:
+                run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)  # compile, warm up
+                with profile(activities=acts) as prof:
+                    r = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
+                plain = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
+            except Exception as e:  # noqa: BLE001 - report the cell, go on
+                summary.append({"decoding": dec, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
+                log(f"profile {dec} {mode} failed: {e}")
+                continue
+            ka = prof.key_averages()
+            launches = {k: sum(e.count for e in ka if e.key == k) for k in ("cudaGraphLaunch", "cudaLaunchKernel")}
+            row = {"decoding": dec, "mode": mode, "batch_size": bs, "s_per_call_profiled": r["seconds_per_call"],
+                   "s_per_call_unprofiled": plain["seconds_per_call"], **launches,
+                   "setup_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            summary.append(row)
+            log(f"profile: {json.dumps(row)}")
+            lines.append(f"===== {json.dumps(row)}")
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                try:
+                    lines.append(ka.table(sort_by=key, row_limit=25, max_name_column_width=70))
+                except Exception as e:  # noqa: BLE001 - older torch names the column differently
+                    lines.append(f"(no table by {key}: {e})")
+            res["profile"] = summary
+            res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
+            Path(args.out, "profile.txt").write_text("\n".join(lines))
+            save()
 
 
 def text_settings(n_tokens: int, cache_len: int, logits: bool = True) -> GenerationSettings:
@@ -203,8 +269,82 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     st1 = text_settings(1, 0, logits=False)
 
     def decoding(name: str) -> None:
-        adapter.set_decoding(*DECODINGS[name])
+        adapter.set_decoding(*decoding_args(name))
 
+    if args.profile_decodings:
+        profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding, res)
+
+    def speech_section() -> None:
+        """Goal 3 cells; first with --speech-first (a run cut at its time limit keeps them)."""
+        # -- goal 3: speech ----------------------------------------------------------------------------------------
+        sp_rows: list[dict[str, Any]] = []
+        res["speech"] = sp_rows
+        if speech:
+            ss = GenerationSettings(
+                max_new_tokens=args.speech_tokens, want_audio=True, speaker=adapter.resolve_speaker() or "",
+                extra={"thinker_min_new_tokens": args.speech_tokens, "talker_do_sample": False,
+                       "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
+            )  # fmt: skip
+            wav_ref: dict[int, dict] = {}  # bs -> per-row token2wav waveforms, the reference of the batched ones
+            for dec in args.speech_decodings:
+                decoding(dec)
+                for t2w in args.token2wav_batch_sizes:
+                    for bs in args.speech_batch_sizes:
+                        if (t2w > 1 and bs == 1) or (t2w == 1 and bs > args.per_row_max_bs):
+                            continue
+                        adapter.set_speech(min(t2w, bs) if t2w > 1 else 1)
+                        sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
+                        t0 = time.perf_counter()
+                        wavs: dict = {}
+                        try:
+                            r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device,
+                                            keep_wavs=wavs)  # fmt: skip
+                        except Exception as e:  # noqa: BLE001 - report the cell, go on
+                            sp_rows.append({"decoding": dec, "token2wav_batch": t2w, "batch_size": bs,
+                                            "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
+                            log(f"speech {dec} t2w={t2w} bs={bs} failed: {e}")
+                            gc.collect()
+                            torch.cuda.empty_cache() if device.type == "cuda" else None
+                            continue
+                        wav = [v["wav_samples"] for v in r["rows"].values()]
+                        audio_s = float(np.mean(wav)) / adapter.output_sample_rate
+                        row = {
+                            "decoding": dec, "token2wav_batch": min(t2w, bs), "batch_size": bs, "n": len(sub),
+                            "s_per_utterance": round(r["seconds_per_instance"], 4),
+                            "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
+                            "audio_seconds_per_utterance": round(audio_s, 3),
+                            "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
+                            "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
+                        }  # fmt: skip
+                        if dec == args.speech_decodings[0] and t2w == 1:
+                            wav_ref[bs] = {"wavs": wavs, "ids": {k: v["ids"] for k, v in r["rows"].items()}}
+                        ref = wav_ref.get(bs)
+                        if ref is not None and t2w > 1:
+                            common = [k for k in wavs if k in ref["wavs"]]
+                            same_len = [k for k in common if ref["wavs"][k].shape == wavs[k].shape]
+                            row["wav_rows_same_length_as_per_row"] = f"{len(same_len)}/{len(common)}"
+                            row["thinker_ids_equal_per_row"] = sum(ref["ids"][k] == r["rows"][k]["ids"] for k in common)
+                            if same_len:
+                                row["wav_max_abs_diff_vs_per_row"] = float(
+                                    max(np.abs(ref["wavs"][k] - wavs[k]).max() for k in same_len)
+                                )
+                                row["wav_min_corr_vs_per_row"] = float(
+                                    min(np.corrcoef(ref["wavs"][k], wavs[k])[0, 1] for k in same_len)
+                                )
+                        sp_rows.append(row)
+                        save()
+                        log(f"speech {dec} bs={bs}: {json.dumps(row)}")
+                adapter.set_speech(1)
+            base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
+            for r in sp_rows:
+                if base and "error" not in r:
+                    r["throughput_vs_bs1_eager"] = round(base["s_per_utterance"] / r["s_per_utterance"], 3)
+        res["speech"] = sp_rows
+
+    if args.profile_only:
+        return
+    if args.speech_first:
+        speech_section()
     # -- goal 1 + 2: modes x batch sizes x decodings --------------------------------------------------------
     grid: dict[str, Any] = {}
     for dec in args.decodings:
@@ -216,9 +356,10 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
             modes = ("plain",) if dec in args.plain_only else MODES
             rounds = 1 if dec in args.plain_only else args.rounds
             cell: dict[str, list] = {m: [] for m in modes}
+            hooks = {m: Hooks(adapter, m, masks) for m in modes}  # one per mode, reused (as per shard)
             for rnd in range(rounds):
                 for mode in modes if rnd % 2 == 0 else modes[::-1]:
-                    r = run_batches(adapter, Hooks(adapter, mode, masks), sub, aud, bs, st, ids, device,
+                    r = run_batches(adapter, hooks[mode], sub, aud, bs, st, ids, device,
                                     warmup=rnd == 0)  # fmt: skip
                     cell[mode].append(r)
             one = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, st1, ids, device, warmup=False)
@@ -263,7 +404,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     res["grid"] = [v["row"] for v in grid.values()]
     ordered = [d for d in args.decodings if d not in args.plain_only]
     # goal 4b: ids across batch sizes (plain, first decoding)
-    d0 = ordered[0]
+    d0 = ordered[0] if ordered else None
     b_ = [bs for bs in args.batch_sizes if f"{d0}/{bs}" in grid]
     cross = {}
     for bs in b_[1:]:
@@ -301,46 +442,11 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     res["deterministic"] = det
     save()
 
-    # -- goal 3: speech ----------------------------------------------------------------------------------------
-    sp_rows: list[dict[str, Any]] = []
-    res["speech"] = sp_rows
-    if speech:
-        ss = GenerationSettings(
-            max_new_tokens=args.speech_tokens, want_audio=True, speaker=adapter.resolve_speaker() or "",
-            extra={"thinker_min_new_tokens": args.speech_tokens, "talker_do_sample": False,
-                   "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
-        )  # fmt: skip
-        for dec in args.speech_decodings:
-            decoding(dec)
-            for bs in args.speech_batch_sizes:
-                sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
-                t0 = time.perf_counter()
-                try:
-                    r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device)
-                except Exception as e:  # noqa: BLE001 - report the cell, go on
-                    sp_rows.append({"decoding": dec, "batch_size": bs, "error": f"{type(e).__name__}: {e}"[:400]})
-                    log(f"speech {dec} bs={bs} failed: {e}")
-                    gc.collect()
-                    torch.cuda.empty_cache() if device.type == "cuda" else None
-                    continue
-                wav = [v["wav_samples"] for v in r["rows"].values()]
-                audio_s = float(np.mean(wav)) / adapter.output_sample_rate
-                row = {
-                    "decoding": dec, "batch_size": bs, "n": len(sub),
-                    "s_per_utterance": round(r["seconds_per_instance"], 4),
-                    "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
-                    "audio_seconds_per_utterance": round(audio_s, 3),
-                    "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
-                    "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
-                }  # fmt: skip
-                sp_rows.append(row)
-                save()
-                log(f"speech {dec} bs={bs}: {json.dumps(row)}")
-        base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
-        for r in sp_rows:
-            if base and "error" not in r:
-                r["throughput_vs_bs1_eager"] = round(base["s_per_utterance"] / r["s_per_utterance"], 3)
-    res["speech"] = sp_rows
+    if not args.speech_first:
+        speech_section()
+    from torch._dynamo.utils import counters
+
+    res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
     ids.remove()
     adapter.set_decoding("dynamic", "off")
 
@@ -391,17 +497,34 @@ def markdown(result: dict[str, Any]) -> str:
             f"{d['rows_equal_run_to_run_deterministic']}/{n} | {d['rows_equal_on_vs_off']}/{n} |"
         )
     out += ["", "Goal 3 (speech: thinker + talker + token2wav)", "",
-            "| thinker decoding | bs | s/utterance | utterances/s | x bs-1 eager | audio s | RTF | peak GiB |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "| thinker decoding | token2wav rows/call | bs | s/utterance | utterances/s | x bs-1 | audio s | RTF | peak GiB | thinker ids = per-row | wav max abs diff / min corr vs per-row |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result.get("speech", []):
         if "error" in r:
-            out.append(f"| {r['decoding']} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | |")
+            out.append(f"| {r['decoding']} | {r.get('token2wav_batch')} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | | | |")
             continue
+        diff = (f"{r['wav_max_abs_diff_vs_per_row']:.2e} / {r['wav_min_corr_vs_per_row']:.6f}"
+                if "wav_max_abs_diff_vs_per_row" in r else "-")  # fmt: skip
         out.append(
-            f"| {r['decoding']} | {r['batch_size']} | {r['s_per_utterance']} | {r['utterances_per_s']} "
-            f"| {r.get('throughput_vs_bs1_eager', '-')} | {r['audio_seconds_per_utterance']} "
-            f"| {r['real_time_factor']} | {r['peak_gib']} |"
+            f"| {r['decoding']} | {r.get('token2wav_batch', 1)} | {r['batch_size']} | {r['s_per_utterance']} "
+            f"| {r['utterances_per_s']} | {r.get('throughput_vs_bs1_eager', '-')} | {r['audio_seconds_per_utterance']} "
+            f"| {r['real_time_factor']} | {r['peak_gib']} | {r.get('thinker_ids_equal_per_row', '-')} | {diff} |"
         )
+    if result.get("profile"):
+        out += ["", "Profile (one batch per cell; profile.txt has the tables)", "",
+                "| decoding | mode | bs | s/call profiled | s/call | cudaGraphLaunch | cudaLaunchKernel |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in result["profile"]:
+            if "error" in r:
+                out.append(f"| {r['decoding']} | {r['mode']} | | ERROR {r['error'][:120]} | | | |")
+                continue
+            out.append(
+                f"| {r['decoding']} | {r['mode']} | {r['batch_size']} | {r['s_per_call_profiled']} "
+                f"| {r['s_per_call_unprofiled']} | {r['cudaGraphLaunch']} | {r['cudaLaunchKernel']} |"
+            )
+        skips = result.get("dynamo_counters", {}).get("inductor", {}).get("cudagraph_skips")
+        out += ["", f"dynamo counters: cudagraph_skips {skips}; graph breaks "
+                f"{json.dumps(result.get('dynamo_counters', {}).get('graph_break', {}))[:600]}"]  # fmt: skip
     if "error" in result:
         out += ["", "ERROR: " + result["error"].splitlines()[-1]]
     return "\n".join(out) + "\n"
@@ -417,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--n-per-bs", type=parse_n, default=parse_n("1:4,8:16,32:32"), help="instances per batch size")
-    ap.add_argument("--decodings", nargs="+", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
+    ap.add_argument("--decodings", nargs="*", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
     ap.add_argument(
         "--plain-only", nargs="*", default=["static"], help="decodings timed in plain mode only (references)"
     )
@@ -427,10 +550,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-frac", type=float, default=0.005)
     ap.add_argument("--det-batch-size", type=int, default=8)
     ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 16])
-    ap.add_argument("--speech-decodings", nargs="+", default=["eager", "static"], choices=sorted(DECODINGS))
+    ap.add_argument("--speech-decodings", nargs="+", default=["eager"], choices=sorted(DECODINGS))
     ap.add_argument("--speech-min-n", type=int, default=2)
     ap.add_argument("--speech-tokens", type=int, default=32)
     ap.add_argument("--codec-tokens", type=int, default=200)
+    ap.add_argument("--token2wav-batch-sizes", type=int, nargs="+", default=[1, 32],
+                    help="model.token2wav_batch_size per speech cell (capped at the batch size; 1 = upstream)")
+    ap.add_argument("--per-row-max-bs", type=int, default=8, help="largest bs timed with per-row token2wav")
+    ap.add_argument("--speech-first", action="store_true", help="speech cells before the text grid")
+    ap.add_argument("--profile-decodings", nargs="*", default=[], choices=sorted(DECODINGS),
+                    help="torch.profiler tables of one timed batch per decoding x mode (profile.txt under --out)")
+    ap.add_argument("--profile-modes", nargs="+", default=["plain", "capture"], choices=MODES)
+    ap.add_argument("--profile-batch-size", type=int, default=8)
+    ap.add_argument("--profile-only", action="store_true", help="stop after the profile")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -439,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(1)
-        for d in ("graph", "inductor"):  # CUDA graphs need a GPU; the CPU smoke test runs the static cache eagerly
+        for d in ("graph", "inductor", "graph_stock", "inductor_exact"):  # CUDA graphs need a GPU; the CPU smoke test runs the static cache eagerly
             args.decodings = ["static" if x == d else x for x in args.decodings]
             args.speech_decodings = ["static" if x == d else x for x in args.speech_decodings]
     # every (mode, batch size) is its own compiled decode step; the default limit of 8 would fall back to eager

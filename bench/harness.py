@@ -268,15 +268,19 @@ def add_random_speaker(model: Any, tiny_dir: Path, ref_frames: int = 300, seed: 
 
 
 def clamp_token2wav_codes(model: Any) -> None:
-    """A random talker emits codec ids up to 8447 while token2wav embeds 8193: clamp (else a device assert)."""
-    t2w = model.token2wav
+    """A random talker emits codec ids up to 8447 while token2wav embeds 8193: clamp (else a device assert).
+
+    At the DiT's codec embedding, the only reader of the codes, so the per-row and the batched token2wav
+    paths (`model.token2wav_batch_size`) both see the clamped codes.
+    """
+    embed = model.token2wav.code2wav_dit_model.text_embed
     n = int(model.config.token2wav_config.dit_config.num_embeds)
-    forward = t2w.forward
+    forward = embed.forward
 
     def clamped(code, *args, **kwargs):
         return forward(code.clamp(0, n - 1), *args, **kwargs)
 
-    t2w.forward = clamped
+    embed.forward = clamped
 
 
 def af3_config(tiny_dir: Path, tiny: bool) -> Any:
@@ -456,7 +460,12 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 class Hooks:
-    """The hook set of one mode: none (plain), tracker + recorder (capture), tracker + steer (steer, steer0)."""
+    """The hook set of one mode: none (plain), tracker + recorder (capture), tracker + steer (steer, steer0).
+
+    The recorder and the intervention are made once and re-attached for every `attached()` (as
+    `generate.run` keeps one per shard): their device buffers keep their addresses, so a compiled / CUDA-graph
+    decode step is not re-recorded on every timed call.
+    """
 
     def __init__(self, adapter: Any, mode: str, masks: torch.Tensor) -> None:
         self.adapter, self.mode, self.masks = adapter, mode, masks
@@ -465,18 +474,20 @@ class Hooks:
         self.root = adapter.decoder_root("thinker")
         self.iv: Intervention | None = None
         self.rec: StatsRecorder | None = None
+        if mode in ("steer", "steer0"):
+            spec = InterventionSpec("steer", alpha=1.0 if mode == "steer" else 0.0, positions="all")
+            self.iv = Intervention(self.sites, self.tracker, spec)
+        if mode == "capture":
+            self.rec = StatsRecorder(self.sites, self.tracker)
 
     @contextlib.contextmanager
     def attached(self):
         with contextlib.ExitStack() as stack:
             if self.mode != "plain":
                 stack.enter_context(self.tracker.attached(self.root))
-            if self.mode in ("steer", "steer0"):
-                alpha = 1.0 if self.mode == "steer" else 0.0
-                spec = InterventionSpec("steer", alpha=alpha, positions="all")
-                self.iv = stack.enter_context(Intervention(self.sites, self.tracker, spec).attached())
-            if self.mode == "capture":
-                self.rec = stack.enter_context(StatsRecorder(self.sites, self.tracker).attached())
+            for part in (self.iv, self.rec):
+                if part is not None:
+                    stack.enter_context(part.attached())
             yield self
 
     def arm(self, prepared: Any) -> None:

@@ -283,6 +283,15 @@ def load_adapter(model_cfg: dict[str, Any]):
                 f"{model_cfg['adapter']!r} has no fast decoding path; use dynamic / off"
             )
         set_decoding(cache, compile_mode)
+    t2w_batch = int(model_cfg.get("token2wav_batch_size", 1))
+    if t2w_batch != 1:
+        set_speech = getattr(adapter, "set_speech", None)
+        if set_speech is None:
+            raise ValueError(
+                f"model.token2wav_batch_size={t2w_batch}: adapter {model_cfg['adapter']!r} has no batched speech "
+                "decoder; use 1"
+            )
+        set_speech(t2w_batch)
     return adapter
 
 
