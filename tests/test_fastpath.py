@@ -393,3 +393,26 @@ def test_recorder_reuses_its_buffers(toy):
             )
     assert ptrs[0] == ptrs[1]
     _assert_same_stats(results[1], results[0])
+
+
+def test_tracker_wraps_and_restores_the_root_forward(toy):
+    """The tracker runs inside the root's forward (not as a pre-hook: one compiled graph per step), keeps
+    generate's view of the signature, and leaves the root as it found it, also when nested."""
+    import inspect
+
+    from emotion_neurons.hooks import attached_trackers
+
+    root = toy.decoder_root("thinker")
+    signature = inspect.signature(root.forward)
+    outer, inner = SpanTracker([2]), SpanTracker([2])
+    with outer.attached(root):
+        assert not root._forward_pre_hooks and inspect.signature(root.forward) == signature
+        with inner.attached(root):
+            assert attached_trackers(root) == [outer, inner]
+            prepared = toy.prepare(*TOY_BATCH)
+            outer.start(prepared.span_codes)
+            inner.start(prepared.span_codes)
+            with torch.inference_mode():
+                toy.generate(prepared, SETTINGS)
+        assert attached_trackers(root) == [outer] and outer.calls == inner.calls > 1
+    assert "forward" not in vars(root) and attached_trackers(root) == []

@@ -131,13 +131,24 @@ class SpanTracker:
             return inner(*args, **kwargs)
 
         root.forward = forward
+        attached = vars(root).setdefault(_TRACKERS_ATTR, [])
+        attached.append(self)
         try:
             yield self
         finally:
+            attached.remove(self)
             if had_own:
                 root.forward = previous
             else:
                 del root.forward
+
+
+_TRACKERS_ATTR = "_emotion_neurons_span_trackers"
+
+
+def attached_trackers(root: torch.nn.Module) -> list[SpanTracker]:
+    """The span trackers attached to `root` now (adapters whose root is a relay re-arm them per call)."""
+    return list(vars(root).get(_TRACKERS_ATTR, []))
 
 
 def _site_tensor(site: LayerSite, args: tuple, output: torch.Tensor | None) -> torch.Tensor:

@@ -107,8 +107,11 @@ class SpanRelay(torch.nn.Module):
         return input_ids
 
     def trackers(self) -> list[Any]:
-        """Objects owning a forward pre-hook on this module that can be re-armed (`SpanTracker`)."""
-        found = []
+        """Span trackers attached to this module (`SpanTracker.attached`), or owners of a forward pre-hook
+        on it that can be re-armed."""
+        from ..hooks import attached_trackers
+
+        found = attached_trackers(self)
         for hook in list(self._forward_pre_hooks.values()):
             owner = getattr(hook, "__self__", None)
             if owner is not None and callable(getattr(owner, "start", None)):
