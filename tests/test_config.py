@@ -76,6 +76,19 @@ def test_stage1_key_follows_batch_size_and_ignores_spans():
     assert stage1_key(_config({"tasks": {"ser": {"sample_seed": 5}}}), "ser") != stage1_key(base, "ser")
 
 
+def test_stage1_key_follows_the_decoding_keys_that_change_bf16_outputs():
+    """Measured on an H200 (bench/RESULTS-fastpath.md): cuDNN attention, the static cache, the compiled step and
+    batched token2wav each change bf16 outputs, so cached statistics must not be reused across them."""
+    base = _config()
+    for key, value in (
+        ("deterministic", False),
+        ("cache_implementation", "static"),
+        ("compile", "cudagraphs"),
+        ("token2wav_batch_size", 8),
+    ):
+        assert stage1_key(_config({"model": {key: value}}), "evc") != stage1_key(base, "evc"), key
+
+
 def test_schema_rejects_misspelt_dataset_keys_per_format():
     from emotion_neurons.schema import ConfigError
 

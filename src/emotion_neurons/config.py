@@ -249,8 +249,13 @@ def _dataset_fingerprint(dcfg_json: str, _cache_file: str) -> str:
 #: task keys that never change stage-1 outputs (`spans` only matter from stage 3 on)
 NOT_STAGE1_TASK_KEYS: tuple[str, ...] = ("enabled", "shards", "eval_shards", "spans")
 #: model keys in the stage-1 key. `batch_size` is one: left padding and kernel choice make bf16 GPU outputs
-#: depend on the batch composition (only the talker's random draws are seeded per instance).
-STAGE1_MODEL_KEYS: tuple[str, ...] = ("adapter", "id", "revision", "dtype", "speaker", "batch_size")
+#: depend on the batch composition (only the talker's random draws are seeded per instance). The decoding keys
+#: are too: cuDNN attention (`deterministic`), the static cache, the compiled step and batched token2wav each
+#: changed bf16 outputs on an H200 (bench/RESULTS-fastpath.md), so their statistics are never reused.
+STAGE1_MODEL_KEYS: tuple[str, ...] = (
+    "adapter", "id", "revision", "dtype", "speaker", "batch_size",
+    "deterministic", "cache_implementation", "compile", "token2wav_batch_size",
+)
 
 
 def stage1_task_cfg(config: dict[str, Any], task: str) -> dict[str, Any]:
