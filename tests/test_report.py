@@ -161,8 +161,8 @@ def test_empty_transcript_is_empty_not_nan(tmp_path):
 
     from emotion_neurons.io import write_table
 
-    d = tmp_path / "evc" / "eval" / "baseline"
-    write_table(d / "judged-0.tsv", pd.DataFrame({"id": ["0016_1->sad"], "speaker": ["0016"], "asr_text": [""],
+    d = tmp_path / "evc" / "eval" / "group-3" / "judged-0"
+    write_table(d / "baseline.tsv", pd.DataFrame({"id": ["0016_1->sad"], "speaker": ["0016"], "asr_text": [""],
                                                   "pred": [""], "text": ["hi"]}))
     t = report._read_judged(tmp_path / "evc", "baseline")
     assert t.loc[0, "asr_text"] == "" and t.loc[0, "pred"] == "" and t.loc[0, "speaker"] == "0016"

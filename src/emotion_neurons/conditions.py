@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 BASELINE: dict[str, Any] = {
@@ -66,3 +67,19 @@ def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> list[dict[str,
 
 def by_id(select_cfg: dict[str, Any], eval_cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["condition"]: c for c in grid(select_cfg, eval_cfg)}
+
+
+def group_of(cid: str, n_groups: int) -> int:
+    """The evaluation group of a condition: a stable function of its id alone, so adding a condition to the
+    grid never moves another one to a different group (and only its own group's jobs re-run)."""
+    if n_groups < 1:
+        raise ValueError(f"evaluate.groups must be >= 1, got {n_groups}")
+    return int(hashlib.sha256(cid.encode()).hexdigest()[:12], 16) % n_groups
+
+
+def groups(conds: list[dict[str, Any]], n_groups: int) -> dict[int, list[dict[str, Any]]]:
+    """Group number -> its conditions in grid order; groups with no condition are left out (no empty jobs)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for c in conds:
+        out.setdefault(group_of(c["condition"], n_groups), []).append(c)
+    return dict(sorted(out.items()))

@@ -26,6 +26,7 @@ STAGE_ENTRY: dict[str, str] = {
     "aggregate": "aggregate",
     "select": "masks",
     "evaluate": "evaluate",
+    "group": "group",
     "metrics": "summarize",
     "report": "report",
 }

@@ -21,7 +21,9 @@ from .io import atomic_dir, write_table
 log = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, adapter=None) -> int:
+    """One condition on one shard; `adapter`: an already loaded model (emotion_neurons.group loads it once for
+    a group of conditions)."""
     ap = argparse.ArgumentParser(description="Stage 4b: generate held-out outputs under an intervention")
     ap.add_argument("--params", required=True)
     ap.add_argument("--manifest", required=True)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info("condition %s, shard %d/%d: %d instances", cond["condition"], a.shard, a.n_shards, len(instances))
     spec = InterventionSpec(cond["intervention"], float(cond["alpha"]), p["eval"].get("positions", "all"))
-    adapter = load_adapter(p["model"])
+    adapter = adapter if adapter is not None else load_adapter(p["model"])
     settings = settings_from(task, p["task_cfg"], p["model"])
     masks = emotions = None
     if spec.kind != "none":

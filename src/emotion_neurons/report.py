@@ -175,7 +175,9 @@ def evc_baseline(rows: pd.DataFrame, n_boot: int, seed: int, ci: float = 0.95) -
 
 
 def _read_judged(tdir: Path, cond: str) -> pd.DataFrame | None:
-    files = sorted((tdir / "eval" / cond).glob("judged-*.tsv"))
+    # grouped evaluation (emotion_neurons.group): eval/group-<g>/judged-<shard>/<condition>.tsv beside
+    # eval/group-<g>/shard-<shard>/<condition>/ (its outputs and EVC audio)
+    files = sorted((tdir / "eval").glob(f"group-*/judged-*/{cond}.tsv"))
     parts = []
     for f in files:
         if not f.read_text().strip():
@@ -187,7 +189,7 @@ def _read_judged(tdir: Path, cond: str) -> pd.DataFrame | None:
             if c in t.columns:
                 t[c] = t[c].fillna("")
         if not t.empty:
-            t["_shard_dir"] = str(f.parent / f.name.replace("judged-", "shard-").removesuffix(".tsv"))
+            t["_shard_dir"] = str(f.parent.parent / f.parent.name.replace("judged-", "shard-") / cond)
             parts.append(t)
     return pd.concat(parts, ignore_index=True) if parts else None
 

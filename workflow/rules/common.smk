@@ -37,6 +37,9 @@ RUN = f"results/{check_run_name(config['run_name'])}"
 SELECTOR_MASK = r"[a-z]+-r[0-9.e-]+"
 
 CACHE = "results/cache/stage1"
+# content-keyed per-condition results of the grouped evaluate and judge jobs (emotion_neurons.group)
+EVAL_CACHE = "results/cache/eval"
+JUDGED_CACHE = "results/cache/judged"
 # rules run `python -m emotion_neurons.<stage>` from this checkout (also inside cluster jobs, which re-read
 # this file), so an edit to the package is what runs without reinstalling
 os.environ.update(
@@ -62,6 +65,7 @@ wildcard_constraints:
     key="|".join(KEYS.values()) or "none",
     mask=SELECTOR_MASK,
     condition=r"[A-Za-z0-9_.-]+",
+    group=r"\d+",
 
 
 def emotions(task):
@@ -170,35 +174,99 @@ def mem_mb(base):
     return f
 
 
-def eval_inputs(wc):
-    cond = condition(wc.task, wc.condition)
-    inputs = {"manifest": f"{stage1_dir(wc.task)}/instances.jsonl"}
-    if cond["mask"]:
-        inputs["mask"] = f"{RUN}/{wc.task}/masks/{cond['mask']}.safetensors"
-    return inputs
-
-
-def eval_params(wc):
-    return _eval_params(wc.task, wc.condition)
+def n_groups():
+    return int(config["evaluate"].get("groups", 8))
 
 
 @functools.cache
-def _eval_params(task, cid):
+def _groups(task):
+    return _cond.groups(conditions(task), n_groups())
+
+
+def eval_groups(task):
+    """The groups of `task` that hold at least one condition."""
+    return list(_groups(task))
+
+
+def group_conditions(task, g):
+    try:
+        return _groups(task)[int(g)]
+    except KeyError:
+        raise ValueError(f"task {task}: evaluation group {g} holds no condition") from None
+
+
+def eval_inputs(wc):
+    conds = group_conditions(wc.task, wc.group)
+    return {
+        "manifest": f"{stage1_dir(wc.task)}/instances.jsonl",
+        "masks": sorted(
+            {f"{RUN}/{wc.task}/masks/{c['mask']}.safetensors" for c in conds if c["mask"]}
+        ),
+    }
+
+
+def eval_params(wc):
+    return _eval_params(wc.task, int(wc.group))
+
+
+def _eval_common(task):
+    return {
+        "task": task,
+        "model": model_params(),
+        "task_cfg": {k: v for k, v in config["tasks"][task].items() if k != "spans"},
+        "data": config["data"],
+        "eval": {
+            k: config["evaluate"].get(k)
+            for k in ("positions", "max_instances_per_shard", "sample_seed")
+        },
+        "component": config["component"],
+        "hook_site": config["hook_site"],
+        "code": code_version("evaluate", config["model"]["adapter"]),
+    }
+
+
+@functools.cache
+def _eval_params(task, g):
+    """A group's params: what its conditions share, then each condition (the per-condition cache key is
+    `common` + the condition, so regrouping never invalidates a computed condition)."""
     return dumps(
         {
-            "task": task,
-            "condition": condition(task, cid),
-            "model": model_params(),
-            "task_cfg": {
-                k: v for k, v in config["tasks"][task].items() if k != "spans"
-            },
-            "data": config["data"],
-            "eval": {
-                k: config["evaluate"].get(k)
-                for k in ("positions", "max_instances_per_shard", "sample_seed")
-            },
-            "component": config["component"],
-            "hook_site": config["hook_site"],
-            "code": code_version("evaluate", config["model"]["adapter"]),
+            "common": _eval_common(task),
+            "conditions": group_conditions(task, g),
+            "group_code": code_version("group", config["model"]["adapter"]),
         }
     )
+
+
+@functools.cache
+def _judge_group_params(task, g):
+    common = _judge.params(config, task, None)
+    del common["condition"]
+    return dumps(
+        {
+            "common": common,
+            "conditions": [
+                {k: v for k, v in c.items() if k != "mask"}
+                for c in group_conditions(task, g)
+            ],
+            "group_code": code_version("group"),
+        }
+    )
+
+
+def judged_dirs(task):
+    return [
+        f"{RUN}/{task}/eval/group-{g}/judged-{i}"
+        for g in eval_groups(task)
+        for i in range(n_eval_shards())
+    ]
+
+
+def judged_files(task):
+    """Every condition's judged table, inside the judged directories of its group."""
+    return [
+        f"{RUN}/{task}/eval/group-{g}/judged-{i}/{c['condition']}.tsv"
+        for g, conds in _groups(task).items()
+        for i in range(n_eval_shards())
+        for c in conds
+    ]

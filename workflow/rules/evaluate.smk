@@ -54,71 +54,68 @@ rule random_control:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.masks --params {params.p:q} --control-of {input} --out {output.mask} > {log} 2>&1"
 
 
+# one job per (task, evaluation group, shard): one model load for every condition of the group
 rule evaluate:
     input:
         unpack(eval_inputs),
     output:
-        directory(f"{RUN}/{{task}}/eval/{{condition}}/shard-{{shard}}"),
+        directory(f"{RUN}/{{task}}/eval/group-{{group}}/shard-{{shard}}"),
     log:
-        f"{RUN}/{{task}}/logs/evaluate-{{condition}}-{{shard}}.log",
+        f"{RUN}/{{task}}/logs/evaluate-group{{group}}-{{shard}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/evaluate-{{condition}}-{{shard}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/evaluate-group{{group}}-{{shard}}.tsv"
     retries: 1
     conda:
         MODEL_ENV
     resources:
         mem_mb=mem_mb(32000),
-        runtime=240,
+        runtime=lambda wc: 240 * len(group_conditions(wc.task, wc.group)),
         gpu_job=1,
         attempt=attempt,
         batch_size=config["model"].get("batch_size", 1),
     params:
         p=eval_params,
         n=n_eval_shards(),
-        mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
+        masks=f"{RUN}/{{task}}/masks",
+        cache=EVAL_CACHE,
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} "
-            "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
-            "--out {output} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.group evaluate --params {params.p:q} --manifest {input.manifest} "
+            "--masks-dir {params.masks} --shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
+            "--cache {params.cache} --out {output} > {log} 2>&1"
         )
 
 
 rule judge_eval:
     input:
-        f"{RUN}/{{task}}/eval/{{condition}}/shard-{{shard}}",
+        f"{RUN}/{{task}}/eval/group-{{group}}/shard-{{shard}}",
     output:
-        f"{RUN}/{{task}}/eval/{{condition}}/judged-{{shard}}.tsv",
+        directory(f"{RUN}/{{task}}/eval/group-{{group}}/judged-{{shard}}"),
     log:
-        f"{RUN}/{{task}}/logs/judge_eval-{{condition}}-{{shard}}.log",
+        f"{RUN}/{{task}}/logs/judge_eval-group{{group}}-{{shard}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/judge_eval-{{condition}}-{{shard}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/judge_eval-group{{group}}-{{shard}}.tsv"
     retries: 1
     conda:
         "../../envs/judges.yaml"
     resources:
         mem_mb=mem_mb(16000),
-        runtime=120,
+        runtime=lambda wc: 120 * len(group_conditions(wc.task, wc.group)),
         gpu_job=1,
         attempt=attempt,
     params:
-        p=lambda wc: judge_params(
-            wc.task,
-            {k: v for k, v in condition(wc.task, wc.condition).items() if k != "mask"},
-        ),
+        p=lambda wc: _judge_group_params(wc.task, int(wc.group)),
+        cache=JUDGED_CACHE,
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.group judge --params {params.p:q} --evaluated {input} "
+            "--cache {params.cache} --out {output} > {log} 2>&1"
         )
 
 
 rule metrics:
     input:
-        lambda wc: [
-            f"{RUN}/{wc.task}/eval/{c['condition']}/judged-{i}.tsv"
-            for c in conditions(wc.task)
-            for i in range(n_eval_shards())
-        ],
+        lambda wc: judged_dirs(wc.task),
     output:
         directory(f"{RUN}/{{task}}/metrics"),
     log:
@@ -138,8 +135,9 @@ rule metrics:
                 "code": code_version("metrics"),
             }
         ),
+        judged=lambda wc: " ".join(judged_files(wc.task)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.summarize --params {params.p:q} --judged {input} --outdir {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.summarize --params {params.p:q} --judged {params.judged} --outdir {output} > {log} 2>&1"
 
 
 rule report:
@@ -153,12 +151,7 @@ rule report:
         ],
         data=[f for t in TASKS for f in prepared_tables(t)],
         # per-utterance rows (baseline intervals, the EVC audio) and the stage-1 list of skipped audio
-        judged=lambda wc: [
-            f"{RUN}/{t}/eval/{c['condition']}/judged-{i}.tsv"
-            for t in TASKS
-            for c in conditions(t)
-            for i in range(n_eval_shards())
-        ],
+        judged=[d for t in TASKS for d in judged_dirs(t)],
         bad=[f"{stage1_dir(t)}/bad_audio.tsv" for t in TASKS],
     output:
         f"{RUN}/report.html",
