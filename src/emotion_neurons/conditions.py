@@ -83,3 +83,40 @@ def groups(conds: list[dict[str, Any]], n_groups: int) -> dict[int, list[dict[st
     for c in conds:
         out.setdefault(group_of(c["condition"], n_groups), []).append(c)
     return dict(sorted(out.items()))
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def ident_name(c: int, filtered: bool) -> str:
+    """`c<c>-filtered` or `c<c>-unfiltered`: one identification setting (stage 2 and 3 run once per setting)."""
+    return f"c{int(c)}-{'filtered' if filtered else 'unfiltered'}"
+
+
+def idents(filter_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every identification setting of `filter.c` x `filter.enabled` (each a value or a list), the first of
+    each list first: that one is the run's primary setting, shown in the report's main sections."""
+    cs, ens = _as_list(filter_cfg["c"]), _as_list(filter_cfg.get("enabled", True))
+    for key, vals in (("c", cs), ("enabled", ens)):
+        if len(vals) != len(set(vals)):
+            raise ValueError(f"filter.{key} lists a value twice: {vals}")
+    return [{"ident": ident_name(c, en), "c": int(c), "filtered": bool(en)} for c in cs for en in ens]
+
+
+def ident_filter(filter_cfg: dict[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
+    """The scalar filter section of one identification setting (what the filter and aggregate stages read)."""
+    return {**filter_cfg, "c": ident["c"], "enabled": ident["filtered"]}
+
+
+def full_grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """`grid` once per identification setting: the baseline (no mask, so no setting) once, then every masked
+    condition with its setting as the id prefix (`c50-filtered-lap-r0.005-steer-a1`), its mask as
+    `<setting>/<mask>` (the masks folder of that setting) and `ident`, `c`, `filtered` as columns."""
+    base = grid(select_cfg, eval_cfg)
+    out = [{**base[0], "ident": "", "c": -1, "filtered": ""}]
+    for idt in idents(filter_cfg):
+        for cond in base[1:]:
+            out.append({**cond, "condition": f"{idt['ident']}-{cond['condition']}", "mask": f"{idt['ident']}/{cond['mask']}",
+                        **idt})
+    return out

@@ -28,6 +28,7 @@ STAGE_ENTRY: dict[str, str] = {
     "evaluate": "evaluate",
     "group": "group",
     "metrics": "summarize",
+    "sweep": "sweep",
     "report": "report",
 }
 

@@ -54,6 +54,10 @@ for _t in TASKS:
     task_dataset(config, _t)
 KEYS = {t: stage1_key(config, t) for t in TASKS}
 KEY2TASK = {k: t for t, k in KEYS.items()}
+# identification settings (filter.c x filter.enabled): stages 2-3 and the masks run once per setting, all from
+# the same stage-1 statistics; the first setting is the primary one (the report's main sections)
+IDENTS = {i["ident"]: i for i in _cond.idents(config["filter"])}
+PRIMARY = next(iter(IDENTS))
 # environment of the model family (used by the GPU rules' conda: directive)
 MODEL_ENV = f"../../envs/{_adapter_entry(config['model']['adapter']).env}.yaml"
 
@@ -64,6 +68,7 @@ wildcard_constraints:
     n=r"\d+",
     key="|".join(KEYS.values()) or "none",
     mask=SELECTOR_MASK,
+    ident="|".join(IDENTS),
     condition=r"[A-Za-z0-9_.-]+",
     group=r"\d+",
 
@@ -99,12 +104,22 @@ def _masks_by_name():
 
 @functools.cache
 def _grid():
-    return _cond.grid(config["select"], config["evaluate"])
+    return _cond.full_grid(config["select"], config["evaluate"], config["filter"])
 
 
 @functools.cache
 def _grid_by_id():
-    return _cond.by_id(config["select"], config["evaluate"])
+    return {c["condition"]: c for c in _grid()}
+
+
+def ident_filter(ident):
+    """The scalar filter settings of one identification setting."""
+    return _cond.ident_filter(config["filter"], IDENTS[ident])
+
+
+def ident_conditions(task, ident):
+    """The baseline and the conditions of one identification setting (the input of its metrics)."""
+    return [c for c in conditions(task) if c["ident"] in ("", ident)]
 
 
 def mask_spec(name):
@@ -262,11 +277,17 @@ def judged_dirs(task):
     ]
 
 
-def judged_files(task):
-    """Every condition's judged table, inside the judged directories of its group."""
+def judged_files(task, ident=None):
+    """Every condition's judged table (of one identification setting and the baseline, with `ident`), inside
+    the judged directories of its group."""
     return [
         f"{RUN}/{task}/eval/group-{g}/judged-{i}/{c['condition']}.tsv"
         for g, conds in _groups(task).items()
         for i in range(n_eval_shards())
         for c in conds
+        if ident is None or c["ident"] in ("", ident)
     ]
+
+
+def ident_judged_dirs(task, ident):
+    return sorted({str(Path(f).parent) for f in judged_files(task, ident)})

@@ -3,14 +3,14 @@
 
 rule select:
     input:
-        f"{RUN}/{{task}}/aggregate.zarr",
+        f"{RUN}/{{task}}/aggregate/{{ident}}.zarr",
     output:
-        mask=f"{RUN}/{{task}}/masks/{{mask}}.safetensors",
-        meta=f"{RUN}/{{task}}/masks/{{mask}}.json",
+        mask=f"{RUN}/{{task}}/masks/{{ident}}/{{mask}}.safetensors",
+        meta=f"{RUN}/{{task}}/masks/{{ident}}/{{mask}}.json",
     log:
-        f"{RUN}/{{task}}/logs/select-{{mask}}.log",
+        f"{RUN}/{{task}}/logs/select-{{ident}}-{{mask}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/select-{{mask}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/select-{{ident}}-{{mask}}.tsv"
     conda:
         "../../envs/core.yaml"
     params:
@@ -29,14 +29,14 @@ rule select:
 # the random control of a selector's mask: same realised size per emotion (and per layer, by default)
 rule random_control:
     input:
-        f"{RUN}/{{task}}/masks/{{source}}.safetensors",
+        f"{RUN}/{{task}}/masks/{{ident}}/{{source}}.safetensors",
     output:
-        mask=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.safetensors",
-        meta=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.json",
+        mask=f"{RUN}/{{task}}/masks/{{ident}}/random-{{source}}-s{{rseed}}.safetensors",
+        meta=f"{RUN}/{{task}}/masks/{{ident}}/random-{{source}}-s{{rseed}}.json",
     log:
-        f"{RUN}/{{task}}/logs/select-random-{{source}}-s{{rseed}}.log",
+        f"{RUN}/{{task}}/logs/select-{{ident}}-random-{{source}}-s{{rseed}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/select-random-{{source}}-s{{rseed}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/select-{{ident}}-random-{{source}}-s{{rseed}}.tsv"
     wildcard_constraints:
         source=SELECTOR_MASK,
         rseed=r"\d+",
@@ -113,15 +113,16 @@ rule judge_eval:
         )
 
 
-rule metrics:
+# metrics of one identification setting (its conditions and the shared baseline)
+rule metrics_ident:
     input:
-        lambda wc: judged_dirs(wc.task),
+        lambda wc: ident_judged_dirs(wc.task, wc.ident),
     output:
-        directory(f"{RUN}/{{task}}/metrics"),
+        directory(f"{RUN}/{{task}}/metrics-by-ident/{{ident}}"),
     log:
-        f"{RUN}/{{task}}/logs/metrics.log",
+        f"{RUN}/{{task}}/logs/metrics-{{ident}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/metrics.tsv"
+        f"{RUN}/{{task}}/benchmarks/metrics-{{ident}}.tsv"
     conda:
         "../../envs/core.yaml"
     params:
@@ -135,18 +136,37 @@ rule metrics:
                 "code": code_version("metrics"),
             }
         ),
-        judged=lambda wc: " ".join(judged_files(wc.task)),
+        judged=lambda wc: " ".join(judged_files(wc.task, wc.ident)),
     shell:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.summarize --params {params.p:q} --judged {params.judged} --outdir {output} > {log} 2>&1"
+
+
+# every setting's tables side by side (columns ident, c, filtered) plus the c sweep and the filtering ablation
+rule metrics:
+    input:
+        lambda wc: [f"{RUN}/{wc.task}/metrics-by-ident/{i}" for i in IDENTS],
+    output:
+        directory(f"{RUN}/{{task}}/metrics"),
+    log:
+        f"{RUN}/{{task}}/logs/metrics.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        p=lambda wc: dumps(
+            {"task": wc.task, "idents": list(IDENTS.values()), "code": code_version("sweep")}
+        ),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.sweep --params {params.p:q} --inputs {input} --outdir {output} > {log} 2>&1"
 
 
 rule report:
     input:
         metrics=expand(f"{RUN}/{{task}}/metrics", task=TASKS),
-        filters=expand(f"{RUN}/{{task}}/filter/summary.tsv", task=TASKS),
+        filters=[f"{RUN}/{t}/filter/{i}/summary.tsv" for t in TASKS for i in IDENTS],
         masks=[
-            f"{RUN}/{t}/masks/{m['mask']}.safetensors"
+            f"{RUN}/{t}/masks/{i}/{m['mask']}.safetensors"
             for t in TASKS
+            for i in IDENTS
             for m in _cond.masks(config["select"])
         ],
         data=[f for t in TASKS for f in prepared_tables(t)],
@@ -172,7 +192,8 @@ rule report:
                 },
                 "stage1": {t: stage1_dir(t) for t in TASKS},
                 "filter": {"wer_max": config["filter"].get("wer_max")},
-                "masks": [m["mask"] for m in _cond.masks(config["select"])],
+                "masks": [f"{PRIMARY}/{m['mask']}" for m in _cond.masks(config["select"])],
+                "ident": PRIMARY,
                 "model": config["model"]["id"],
                 "data_tables": {t: prepared_tables(t) for t in TASKS},
                 "config": config,
