@@ -105,6 +105,17 @@ def test_dry_run_counts_of_a_c_and_filtering_sweep(tmp_path):
     assert jobs["select"] == 2 * 4 * 4 and jobs["random_control"] == 2 * 4 * 8
     assert jobs["evaluate"] == jobs["judge_eval"] == 2 * len(eval_groups(demo_config(sweep)))
     assert jobs["metrics"] == 2 and jobs["report"] == 1
+    # one group of about 300 conditions: its params go through a content-addressed file, not the
+    # command line (one shell argument holds at most 128 KiB)
+    big = {**sweep, "evaluate": {"groups": 1, "alpha": [0.25, 0.5, 1.0, 1.5, 2.0]}}
+    (wd / "big.yaml").write_text(yaml.safe_dump(big))
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "big.yaml")).stdout
+    files = set(re.findall(r"emotion_neurons\.group evaluate --params '?@(results/cache/params/[0-9a-f]+\.json)", out))
+    assert len(files) == 2  # one group per task
+    import json
+
+    n_conds = len(eval_groups(demo_config(big))[0])
+    assert n_conds > 200 and all(len(json.loads((wd / f).read_text())["conditions"]) == n_conds for f in files)
 
 
 @pytest.fixture(scope="module")

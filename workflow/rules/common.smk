@@ -220,10 +220,6 @@ def eval_inputs(wc):
     }
 
 
-def eval_params(wc):
-    return _eval_params(wc.task, int(wc.group))
-
-
 def _eval_common(task):
     return {
         "task": task,
@@ -238,6 +234,30 @@ def _eval_common(task):
         "hook_site": config["hook_site"],
         "code": code_version("evaluate", config["model"]["adapter"]),
     }
+
+
+PARAMS_CACHE = "results/cache/params"
+INLINE_PARAMS_MAX = 32_000
+
+
+def big_params(text):
+    """`text` itself, or for a long one `@<file>` of it, content-addressed: a shell command line (one argument
+    of at most 128 KiB on Linux) cannot carry the params of a group of hundreds of conditions. The file name
+    is the content hash, so a changed group still changes its params (and re-runs); written at DAG build."""
+    if len(text) <= INLINE_PARAMS_MAX:
+        return text
+    import hashlib
+
+    from emotion_neurons.io import write_text
+
+    path = Path(PARAMS_CACHE) / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    if not path.exists():
+        write_text(path, text)
+    return f"@{path}"
+
+
+def eval_params(wc):
+    return big_params(_eval_params(wc.task, int(wc.group)))
 
 
 @functools.cache

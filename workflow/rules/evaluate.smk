@@ -104,7 +104,7 @@ rule judge_eval:
         gpu_job=1,
         attempt=attempt,
     params:
-        p=lambda wc: _judge_group_params(wc.task, int(wc.group)),
+        p=lambda wc: big_params(_judge_group_params(wc.task, int(wc.group))),
         cache=JUDGED_CACHE,
     shell:
         guarded(
