@@ -207,3 +207,18 @@ def test_main_sections_show_the_primary_setting_only(tmp_path):
     assert "<td>12.5 [3.3, 20.7]</td>" in sel and "82.5" not in sel
     page = report.build({**params, "ident": "c10-unfiltered"}, tmp_path / "u.html")
     assert "82.5" in _section(page, "ser-selectors")
+
+
+def test_task_transfer_section(tmp_path):
+    from emotion_neurons.io import read_table, write_table
+
+    params = make_run(tmp_path)
+    page = report.build(params, tmp_path / "a.html")
+    assert "transfer.tasks: false" in _section(page, "ser-transfer-task")
+    m = tmp_path / "results" / "demo" / "ser" / "metrics"
+    eff = read_table(m / "effects_by_selector.tsv")
+    t = _stacked(eff, [("from-evc-c10-filtered", 10, True, -4.0)]).assign(masks_from="evc")
+    write_table(m / "task_transfer.tsv", t)
+    sec = _section(report.build(params, tmp_path / "b.html"), "ser-transfer-task")
+    # cas r=0.05 deactivate: ESS 15 - 4 = 11, interval unshifted
+    assert "Not shown" not in sec and "<td>11 [12, 18]</td>" in sec and "<td>evc</td>" in sec

@@ -72,4 +72,33 @@ def test_stack_and_sweeps(tmp_path):
     assert ab[ab["mask_emotion"].eq("angry")][["filtered", "ESS"]].values.tolist() == [[True, 1.0], [False, 2.0]]
     assert len(read_table(out / "summary.tsv")) == 4
     with pytest.raises(ValueError, match="does not belong"):
-        sweep.stack(ids, dirs[::-1])
+        sweep.stack("ser", ids, dirs[::-1])
+
+
+def test_transfer_grid_takes_the_other_tasks_primary_masks():
+    filt = {"c": [50, 10], "enabled": True}
+    evc = conditions.transfer_grid(SEL, {**EV, "alpha": [0.5, 1.0]}, filt, "ser", "evc")
+    ser = conditions.transfer_grid(SEL, EV, filt, "evc", "ser")
+    # SER masks steer EVC at every alpha; EVC masks only deactivate SER
+    assert {c["intervention"] for c in evc} == {"steer"} and {c["alpha"] for c in evc} == {0.5, 1.0}
+    assert {c["intervention"] for c in ser} == {"deactivate"}
+    assert len(ser) == len(conditions.masks(SEL)) and len(evc) == 2 * len(ser)
+    assert all(c["mask"].startswith("ser/masks/c50-filtered/") for c in evc)
+    assert {c["ident"] for c in ser} == {"from-evc-c50-filtered"} and all(c["c"] == 50 for c in ser)
+    own = {c["condition"] for c in conditions.full_grid(SEL, EV, filt)}
+    assert not own & {c["condition"] for c in ser}
+
+
+def test_transfer_rows_go_to_task_transfer_not_to_the_sweeps(tmp_path):
+    import json
+
+    ids = conditions.idents({"c": [50], "enabled": True})
+    tr = {**ids[0], "ident": "from-evc-c50-filtered", "source_task": "evc"}
+    dirs = [_tables(tmp_path, ids[0]["ident"], 1.0), _tables(tmp_path, tr["ident"], 9.0)]
+    out = tmp_path / "out"
+    params = {"task": "ser", "idents": [*ids, tr]}
+    assert sweep.main(["--params", json.dumps(params), "--inputs", *map(str, dirs), "--outdir", str(out)]) == 0
+    t = read_table(out / "task_transfer.tsv")
+    assert set(t["masks_from"]) == {"evc"} and t[t["mask_emotion"].eq("angry")]["ESS"].tolist() == [9.0]
+    for name in ("c_sweep", "filter_ablation"):
+        assert read_table(out / f"{name}.tsv")["ESS"].tolist() == [1.0, 2.0]

@@ -118,6 +118,29 @@ def test_dry_run_counts_of_a_c_and_filtering_sweep(tmp_path):
     assert n_conds > 200 and all(len(json.loads((wd / f).read_text())["conditions"]) == n_conds for f in files)
 
 
+def test_dry_run_of_cross_task_transfer(tmp_path):
+    """transfer.tasks: each task evaluates the other's masks of the primary setting, with its own metrics;
+    no new identification jobs; target emotions without a SER mask are refused at start-up."""
+    from emotion_neurons.tiny.__main__ import build_all
+
+    build_all(REPO / ".tiny")
+    wd = make_workdir(tmp_path / "wd")
+    base = planned(wd)
+    jobs = planned(wd, {"transfer": {"tasks": True}})
+    assert {k: v for k, v in jobs.items() if k not in ("metrics_ident", "evaluate", "judge_eval")} == {
+        k: v for k, v in base.items() if k not in ("metrics_ident", "evaluate", "judge_eval")}
+    assert jobs["metrics_ident"] == 2 * 2 and jobs["evaluate"] >= base["evaluate"]
+    (wd / "tr.yaml").write_text(yaml.safe_dump({"transfer": {"tasks": True}}))
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "tr.yaml")).stdout
+    assert "from-ser-c3-unfiltered-cas-r0.05-steer-a1" in out and "ser/masks/c3-unfiltered/cas-r0.05" in out
+    assert "from-evc-c3-unfiltered-random-cas-r0.05-deactivate-s1" in out
+    assert "from-evc-c3-unfiltered-cas-r0.05-steer" not in out  # EVC masks only deactivate SER
+    (wd / "bad.yaml").write_text(yaml.safe_dump({"transfer": {"tasks": True},
+                                                 "tasks": {"ser": {"labels": ["neutral", "angry", "happy", "sad"]}}}))
+    res = snakemake(wd, "-n", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "bad.yaml"), check=False)
+    assert res.returncode != 0 and "surprise" in res.stdout + res.stderr and "tasks.ser.labels" in res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from emotion_neurons.tiny.__main__ import build_all

@@ -120,3 +120,24 @@ def full_grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_cfg: 
             out.append({**cond, "condition": f"{idt['ident']}-{cond['condition']}", "mask": f"{idt['ident']}/{cond['mask']}",
                         **idt})
     return out
+
+
+#: Cross-task transfer (METHOD.md 3.5): the intervention each target task gets with the other task's masks.
+TRANSFER_INTERVENTIONS: dict[str, str] = {"evc": "steer", "ser": "deactivate"}
+
+
+def transfer_grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_cfg: dict[str, Any],
+                  source_task: str, target_task: str) -> list[dict[str, Any]]:
+    """The masks of `source_task`'s primary identification setting evaluated on `target_task`: SER masks
+    steer EVC (every alpha), EVC masks deactivate SER. Each condition's `ident` is `from-<source>-<setting>`
+    (its own metrics, so its random controls never pair with the target task's own), and `mask` is the
+    path under the run folder, `<source>/masks/<setting>/<mask>`."""
+    iv = TRANSFER_INTERVENTIONS[target_task]
+    src = idents(filter_cfg)[0]
+    ident = f"from-{source_task}-{src['ident']}"
+    out = []
+    for cond in grid(select_cfg, {**eval_cfg, "interventions": [iv]})[1:]:
+        out.append({**cond, "condition": f"{ident}-{cond['condition']}",
+                    "mask": f"{source_task}/masks/{src['ident']}/{cond['mask']}", **src, "ident": ident,
+                    "source_task": source_task})
+    return out

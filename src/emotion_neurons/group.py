@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate")
     e.add_argument("--params", required=True, help="JSON {common: ..., conditions: [...]} (or @file)")
     e.add_argument("--manifest", required=True)
-    e.add_argument("--masks-dir", required=True)
+    e.add_argument("--masks-dir", required=True, help="folder the conditions' mask paths are relative to")
     e.add_argument("--shard", type=int, required=True)
     e.add_argument("--n-shards", type=int, required=True)
     e.add_argument("--batch-size", type=int, default=None)

@@ -225,14 +225,15 @@ def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: li
 
 
 #: Tables of emotion_neurons.sweep that span every identification setting.
-SWEEP_TABLES: tuple[str, ...] = ("c_sweep", "filter_ablation")
+SWEEP_TABLES: tuple[str, ...] = ("c_sweep", "filter_ablation", "task_transfer")
 
 
 def _one_setting(t: pd.DataFrame, ident: str) -> pd.DataFrame:
     """The rows of one identification setting, without the setting's columns (the main sections' view)."""
     if "ident" not in t.columns:
         return t
-    return t[t["ident"].astype(str).eq(ident)].drop(columns=["ident", "c", "filtered"]).reset_index(drop=True)
+    cols = [c for c in ("ident", "c", "filtered", "masks_from") if c in t.columns]
+    return t[t["ident"].astype(str).eq(ident)].drop(columns=cols).reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------ headline
@@ -438,6 +439,23 @@ def c_sweep(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
         return absent(fid, title, "the run has no c_sweep table (metrics of an older run)")
     key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
     return sensitivity(task, {key: t}, "c")
+
+
+def task_transfer(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
+    """The other task's masks on this task (SER masks steering EVC, EVC masks deactivating SER)."""
+    other = "SER" if task == "evc" else "EVC"
+    how_iv = "steer" if task == "evc" else "deactivate"
+    fid, title = f"{task}-transfer-task", f"{task.upper()}: cross-task transfer ({other} masks {how_iv} {task.upper()})"
+    t = sweeps.get("task_transfer")
+    if t is None or t.empty:
+        return absent(fid, title, "cross-task transfer is off (transfer.tasks: false) or one of the tasks is disabled")
+    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
+    d, v, lo, hi, ylab = _main_rows(task, {key: t})
+    rows = [{"setting": label(r), "masks from": r["masks_from"], ylab: f"{float(r[v]):.3g} [{float(r[lo]):.3g}, {float(r[hi]):.3g}]"}
+            for r in d.to_dict("records")]
+    how = (f"masks selected on {other} identification, applied to {task.upper()} held-out data through the shared "
+           "emotion names; compare each selector with its random control and with the same selector's own-task effect above.")
+    return figure(fid, title, how, _table(pd.DataFrame(rows)))
 
 
 def filter_ablation(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
@@ -748,12 +766,14 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
         body.append(sensitivity(task, tb, "alpha"))
         body.append(c_sweep(task, t["sweeps"]))
         body.append(filter_ablation(task, t["sweeps"]))
+        body.append(task_transfer(task, t["sweeps"]))
         if task == "ser":
             body.append(change_matrices(tb))
             body.append(absent("ser-agnostic", "SER label-agnostic injections",
                                "the metric tables have no label-agnostic rows (no mask without an emotion was evaluated)"))
             body.append(absent("ser-transfer", "SER transfer matrices",
-                               "the run evaluates masks on the dataset and task they were selected on only"))
+                               "cross-dataset transfer (masks of one dataset evaluated on another) is not implemented yet; "
+                               "cross-task transfer is the section above"))
         body.append(layer_figures(task, t["masks"]))
         if task == "evc":
             body.append(evc_audio(t, int(rep.get("audio_per_emotion", 2)), seed))

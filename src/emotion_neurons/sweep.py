@@ -6,6 +6,8 @@ each of its tables gets the columns `ident`, `c`, `filtered` and the tables are 
 user see one table per kind. Two more tables hold the by-selector effects (EVC deltas, SER SE/ACE/ESS with
 random controls collapsed over seeds) as one factor varies and the other stays at the primary setting's value:
 `c_sweep.tsv` (filtering fixed, every c) and `filter_ablation.tsv` (c fixed, filtered and unfiltered).
+A setting with `source_task` holds the other task's masks evaluated on this one (cross-task transfer); its
+rows are marked in `masks_from` and cut into `task_transfer.tsv`, never into the sweeps.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ log = logging.getLogger(__name__)
 
 #: The by-selector table of each task, the one the sweeps are cut from.
 MAIN_TABLE: dict[str, str] = {"evc": "deltas_by_selector", "ser": "effects_by_selector"}
-IDENT_COLS: tuple[str, ...] = ("ident", "c", "filtered")
+IDENT_COLS: tuple[str, ...] = ("ident", "c", "filtered", "masks_from")
 
 
-def stack(idents: list[dict[str, Any]], dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
-    """Table name -> the rows of every setting with its `ident`, `c`, `filtered` first."""
+def stack(task: str, idents: list[dict[str, Any]], dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
+    """Table name -> the rows of every setting with its `ident`, `c`, `filtered`, `masks_from` first."""
     if len(idents) != len(dirs):
         raise ValueError(f"{len(idents)} identification settings but {len(dirs)} metrics folders")
     parts: dict[str, list[pd.DataFrame]] = {}
@@ -41,6 +43,7 @@ def stack(idents: list[dict[str, Any]], dirs: list[str | Path]) -> dict[str, pd.
             clash = [c for c in IDENT_COLS if c in t.columns]
             if clash:
                 raise ValueError(f"{f} already has column(s) {clash}")
+            t.insert(0, "masks_from", idt.get("source_task") or task)
             t.insert(0, "filtered", bool(idt["filtered"]))
             t.insert(0, "c", int(idt["c"]))
             t.insert(0, "ident", idt["ident"])
@@ -54,9 +57,13 @@ def sweeps(task: str, tables: dict[str, pd.DataFrame], idents: list[dict[str, An
     if main is None:
         raise ValueError(f"no {MAIN_TABLE[task]}.tsv among the metric tables of task {task}")
     primary = idents[0]
-    c_sweep = main[main["filtered"].eq(primary["filtered"])].sort_values("c", kind="stable")
-    ablation = main[main["c"].eq(primary["c"])].sort_values("filtered", ascending=False, kind="stable")
-    return {"c_sweep": c_sweep.reset_index(drop=True), "filter_ablation": ablation.reset_index(drop=True)}
+    own = main[main["masks_from"].eq(task)]
+    c_sweep = own[own["filtered"].eq(primary["filtered"])].sort_values("c", kind="stable")
+    ablation = own[own["c"].eq(primary["c"])].sort_values("filtered", ascending=False, kind="stable")
+    out = {"c_sweep": c_sweep.reset_index(drop=True), "filter_ablation": ablation.reset_index(drop=True)}
+    if any(i.get("source_task") for i in idents):
+        out["task_transfer"] = main[main["masks_from"].ne(task)].reset_index(drop=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
-    tables = stack(p["idents"], a.inputs)
+    tables = stack(p["task"], p["idents"], a.inputs)
     tables.update(sweeps(p["task"], tables, p["idents"]))
     out = Path(a.outdir)
     for name, df in tables.items():

@@ -102,14 +102,43 @@ def _masks_by_name():
     return {m["mask"]: m for m in _cond.masks(config["select"])}
 
 
-@functools.cache
-def _grid():
-    return _cond.full_grid(config["select"], config["evaluate"], config["filter"])
+TRANSFER = (config.get("transfer") or {}).get("tasks", False) and {"evc", "ser"} <= set(TASKS)
+if TRANSFER:
+    _missing = sorted(set(emotions("evc")) - set(emotions("ser")))
+    if _missing:
+        raise ValueError(
+            f"transfer.tasks: SER masks steer EVC, but target emotion(s) {_missing} of tasks.evc.target_emotions "
+            "are not among tasks.ser.labels (no SER mask to steer them with)"
+        )
 
 
 @functools.cache
-def _grid_by_id():
-    return {c["condition"]: c for c in _grid()}
+def _grid(task):
+    """The task's conditions; a mask is named by its path under the run folder (`<task>/masks/<setting>/..`),
+    so cross-task transfer conditions (transfer.tasks) can take the other task's masks."""
+    own = [
+        {**c, "mask": f"{task}/masks/{c['mask']}" if c["mask"] else "", "source_task": task if c["mask"] else ""}
+        for c in _cond.full_grid(config["select"], config["evaluate"], config["filter"])
+    ]
+    if not TRANSFER:
+        return own
+    other = "ser" if task == "evc" else "evc"
+    return own + _cond.transfer_grid(config["select"], config["evaluate"], config["filter"], other, task)
+
+
+@functools.cache
+def _grid_by_id(task):
+    return {c["condition"]: c for c in _grid(task)}
+
+
+def metric_idents(task):
+    """The settings whose metrics are computed for `task`: its own, then the cross-task transfer one."""
+    out = list(IDENTS.values())
+    if TRANSFER:
+        other = "ser" if task == "evc" else "evc"
+        src = IDENTS[PRIMARY]
+        out.append({**src, "ident": f"from-{other}-{PRIMARY}", "source_task": other})
+    return out
 
 
 def ident_filter(ident):
@@ -133,11 +162,11 @@ def mask_spec(name):
 
 
 def conditions(task):
-    return _grid()
+    return _grid(task)
 
 
 def condition(task, cid):
-    return _grid_by_id()[cid]
+    return _grid_by_id(task)[cid]
 
 
 def model_params():
@@ -214,9 +243,7 @@ def eval_inputs(wc):
     conds = group_conditions(wc.task, wc.group)
     return {
         "manifest": f"{stage1_dir(wc.task)}/instances.jsonl",
-        "masks": sorted(
-            {f"{RUN}/{wc.task}/masks/{c['mask']}.safetensors" for c in conds if c["mask"]}
-        ),
+        "masks": sorted({f"{RUN}/{c['mask']}.safetensors" for c in conds if c["mask"]}),
     }
 
 

@@ -76,7 +76,7 @@ rule evaluate:
     params:
         p=eval_params,
         n=n_eval_shards(),
-        masks=f"{RUN}/{{task}}/masks",
+        masks=RUN,
         cache=EVAL_CACHE,
     shell:
         guarded(
@@ -119,6 +119,8 @@ rule metrics_ident:
         lambda wc: ident_judged_dirs(wc.task, wc.ident),
     output:
         directory(f"{RUN}/{{task}}/metrics-by-ident/{{ident}}"),
+    wildcard_constraints:
+        ident=r"(from-[a-z]+-)?c\d+-(un)?filtered",
     log:
         f"{RUN}/{{task}}/logs/metrics-{{ident}}.log",
     benchmark:
@@ -144,7 +146,7 @@ rule metrics_ident:
 # every setting's tables side by side (columns ident, c, filtered) plus the c sweep and the filtering ablation
 rule metrics:
     input:
-        lambda wc: [f"{RUN}/{wc.task}/metrics-by-ident/{i}" for i in IDENTS],
+        lambda wc: [f"{RUN}/{wc.task}/metrics-by-ident/{i['ident']}" for i in metric_idents(wc.task)],
     output:
         directory(f"{RUN}/{{task}}/metrics"),
     log:
@@ -153,7 +155,7 @@ rule metrics:
         "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
-            {"task": wc.task, "idents": list(IDENTS.values()), "code": code_version("sweep")}
+            {"task": wc.task, "idents": metric_idents(wc.task), "code": code_version("sweep")}
         ),
     shell:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.sweep --params {params.p:q} --inputs {input} --outdir {output} > {log} 2>&1"
