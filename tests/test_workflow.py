@@ -226,11 +226,13 @@ def test_new_alpha_adds_only_new_jobs(demo_run):
 
 
 @pytest.mark.slow
-def test_new_alpha_computes_only_new_conditions(demo_run):
+def test_new_alpha_computes_only_new_conditions(demo_run, tmp_path):
     """A re-run group evaluates its new conditions only: the others come from the per-condition cache."""
-    overlay = demo_run / "alpha.yaml"
+    wd = tmp_path / "copy"  # a copy: the other tests need the demo run as it is
+    shutil.copytree(demo_run, wd, symlinks=True)
+    overlay = wd / "alpha.yaml"
     overlay.write_text(yaml.safe_dump({"evaluate": {"alpha": [1.0, 0.5]}}))
-    snakemake(demo_run, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
+    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
               "--until", "evaluate")
     old = eval_groups(demo_config())
     new = eval_groups(demo_config({"evaluate": {"alpha": [1.0, 0.5]}}))
@@ -238,7 +240,7 @@ def test_new_alpha_computes_only_new_conditions(demo_run):
         for g, conds in new.items():
             if conds == old.get(g):
                 continue
-            log = (demo_run / "results" / "demo" / task / "logs" / f"evaluate-group{g}-0.log").read_text()
+            log = (wd / "results" / "demo" / task / "logs" / f"evaluate-group{g}-0.log").read_text()
             added = len(set(conds) - set(old.get(g, [])))
             assert f"'cached': {len(conds) - added}, 'computed': {added}, 'model_loads': 1" in log
 
