@@ -13,7 +13,8 @@ project's own writer (`emotion_neurons.stats.InstanceStatsWriter`) and read by i
   were just read (page cache); a cold run needs `--drop-caches` (root, writes /proc/sys/vm/drop_caches).
 - `dag`: `snakemake -n` of `config.yaml` and of a paper sweep (5 selectors x 6 r x 5 alpha x 2
   interventions, 8 shards) against a synthetic ESD-layout corpus of 17,500 one-second wavs; first with an
-  empty content-hash cache (cold), then again (warm).
+  empty content-hash cache (cold), then again (warm); and a "full sweep" that adds c [10, 25, 50, 100] x
+  filtering [true, false] and cross-task transfer to the paper sweep.
 
     python bench/cpu_scale.py --work /tmp/en-scale --out bench/RESULTS-cpu-scale.md [--n 10000] [--only store,aggregate,dag]
 """
@@ -183,7 +184,9 @@ def bench_dag(work: Path) -> list[dict]:
     env = {**os.environ, "EMOTION_NEURONS_HASH_CACHE": str(work / "hash-cache.json")}
     (work / "hash-cache.json").unlink(missing_ok=True)
     snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
-    for name, ov in (("paper config", overlay), ("paper sweep", sweep)):
+    # every factor of Paper A as a list (issue 11): c x filtering on top of the sweep, and cross-task transfer
+    full = {**sweep, "filter": {"c": [10, 25, 50, 100], "enabled": [True, False]}, "transfer": {"tasks": True}}
+    for name, ov in (("paper config", overlay), ("paper sweep", sweep), ("full sweep", full)):
         (work / f"{name.replace(' ', '-')}.yaml").write_text(yaml.safe_dump(ov))
         for state in ("cold hash cache", "warm hash cache"):
             if state.startswith("cold"):

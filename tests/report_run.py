@@ -64,7 +64,7 @@ def make_run(root: Path, rs: tuple[float, ...] = (0.05,), wa_correct: int = 300,
         "emotion": [EMOS[i % 4] for i in range(n_ser)],
         "correct": [1 if i < wa_correct else 0 for i in range(n_ser)],  # planted WA
     })
-    write_table(ser / "eval" / "baseline" / "judged-0.tsv", base)
+    write_table(ser / "eval" / "group-0" / "judged-0" / "baseline.tsv", base)
     write_table(ser / "filter" / "summary.tsv", pd.DataFrame({"emotion": EMOS, "kept": [7, 7, 7, 7]}))
     # ---------------- EVC
     evc = run / "evc"
@@ -84,9 +84,10 @@ def make_run(root: Path, rs: tuple[float, ...] = (0.05,), wa_correct: int = 300,
                           "refusal": False, "wer": 3 / 6, "wer_edits": 3, "ref_words": 6})
     c = _cond("cas", rs[0], "steer")
     for cond, table in (("baseline", rows), (c["condition"], steer)):
-        write_table(evc / "eval" / cond / "judged-0.tsv", pd.DataFrame(table))
+        # the grouped layout (emotion_neurons.group); the group number does not matter to the report
+        write_table(evc / "eval" / "group-1" / "judged-0" / f"{cond}.tsv", pd.DataFrame(table))
         for row in table:
-            _tone(evc / "eval" / cond / "shard-0" / row["output_wav"], 440)
+            _tone(evc / "eval" / "group-1" / "shard-0" / cond / row["output_wav"], 440)
     dl = []
     for r in rs:
         for sel in ("cas",):

@@ -78,7 +78,7 @@ def test_section_without_data_is_absent_and_says_why(page):
     r = _section(page, "ser-sens-r")
     assert "<img" not in r and "this run has 1 value(s) of r (0.05)" in r and "select.r" in r
     c = _section(page, "ser-sens-c")
-    assert "Not shown" in c and "no `c` column" in c
+    assert "Not shown" in c and "no c_sweep table" in c
     assert "<img" not in _section(page, "ser-sens-alpha")
 
 
@@ -161,8 +161,8 @@ def test_empty_transcript_is_empty_not_nan(tmp_path):
 
     from emotion_neurons.io import write_table
 
-    d = tmp_path / "evc" / "eval" / "baseline"
-    write_table(d / "judged-0.tsv", pd.DataFrame({"id": ["0016_1->sad"], "speaker": ["0016"], "asr_text": [""],
+    d = tmp_path / "evc" / "eval" / "group-3" / "judged-0"
+    write_table(d / "baseline.tsv", pd.DataFrame({"id": ["0016_1->sad"], "speaker": ["0016"], "asr_text": [""],
                                                   "pred": [""], "text": ["hi"]}))
     t = report._read_judged(tmp_path / "evc", "baseline")
     assert t.loc[0, "asr_text"] == "" and t.loc[0, "pred"] == "" and t.loc[0, "speaker"] == "0016"
@@ -188,3 +188,58 @@ def test_injection_section_renders_the_metrics_table():
     assert "50.0 [20.0, 80.0]" in html and "75.0 %" in html and "50.0 %" in html and "n/a" in html
     none = report.injections({"tables": {}})
     assert "absent" in none and "evaluate.interventions" in none
+
+
+def _stacked(t, settings):
+    """`t` once per (ident, c, filtered, ESS shift): tables as emotion_neurons.stages.sweep writes them."""
+    import pandas as pd
+
+    return pd.concat([t.assign(ident=i, c=c, filtered=f, ESS=t["ESS"] + d) for i, c, f, d in settings], ignore_index=True)
+
+
+def test_c_sweep_and_filter_ablation_are_drawn_when_present(tmp_path):
+    from emotion_neurons.io import read_table, write_table
+
+    params = make_run(tmp_path)
+    m = tmp_path / "results" / "demo" / "ser" / "metrics"
+    eff = read_table(m / "effects_by_selector.tsv")
+    write_table(m / "c_sweep.tsv", _stacked(eff, [("c10-filtered", 10, True, 0.0), ("c50-filtered", 50, True, 5.0)]))
+    write_table(m / "filter_ablation.tsv", _stacked(eff, [("c10-filtered", 10, True, 0.0),
+                                                         ("c10-unfiltered", 10, False, -7.0)]))
+    page = report.build(params, tmp_path / "c.html")
+    c = _section(page, "ser-sens-c")
+    assert "Not shown" not in c and c.count("data:image/png;base64") == 1
+    f = _section(page, "ser-sens-filter")
+    # cas r=0.05 deactivate: ESS 15 [12, 18] filtered; the unfiltered row planted 7 lower (interval unshifted)
+    assert "<td>15 [12, 18]</td>" in f and "<td>8 [12, 18]</td>" in f
+    assert "Not shown" in _section(page, "evc-sens-c")
+
+
+def test_main_sections_show_the_primary_setting_only(tmp_path):
+    from emotion_neurons.io import read_table, write_table
+
+    params = make_run(tmp_path)
+    m = tmp_path / "results" / "demo" / "ser" / "metrics"
+    for name in ("vs_random", "effects_by_selector"):
+        t = read_table(m / f"{name}.tsv")
+        write_table(m / f"{name}.tsv", _stacked(t, [("c10-unfiltered", 10, False, 70.0), ("c10-filtered", 10, True, 0.0)]))
+    page = report.build({**params, "ident": "c10-filtered"}, tmp_path / "p.html")
+    sel = _section(page, "ser-selectors")
+    assert "<td>12.5 [3.3, 20.7]</td>" in sel and "82.5" not in sel
+    page = report.build({**params, "ident": "c10-unfiltered"}, tmp_path / "u.html")
+    assert "82.5" in _section(page, "ser-selectors")
+
+
+def test_task_transfer_section(tmp_path):
+    from emotion_neurons.io import read_table, write_table
+
+    params = make_run(tmp_path)
+    page = report.build(params, tmp_path / "a.html")
+    assert "transfer.tasks: false" in _section(page, "ser-transfer-task")
+    m = tmp_path / "results" / "demo" / "ser" / "metrics"
+    eff = read_table(m / "effects_by_selector.tsv")
+    t = _stacked(eff, [("from-evc-c10-filtered", 10, True, -4.0)]).assign(masks_from="evc")
+    write_table(m / "task_transfer.tsv", t)
+    sec = _section(report.build(params, tmp_path / "b.html"), "ser-transfer-task")
+    # cas r=0.05 deactivate: ESS 15 - 4 = 11, interval unshifted
+    assert "Not shown" not in sec and "<td>11 [12, 18]</td>" in sec and "<td>evc</td>" in sec

@@ -80,6 +80,23 @@ def test_emobox_fingerprint_covers_the_audio_files(tmp_path):
     assert C.dataset_fingerprint(cfg) != fp
 
 
+def test_every_stage_together_parses_each_file_once(monkeypatch):
+    """The stages' closures overlap (config, io, ...): a dry run hashing all of them parses each file once."""
+    parsed = []
+    real = C.ast.parse
+
+    def spy(src, filename="<unknown>", *a, **k):
+        parsed.append(filename)
+        return real(src, filename, *a, **k)
+
+    monkeypatch.setattr(C.ast, "parse", spy)
+    C.clear_caches()
+    for stage in C.STAGE_ENTRY:
+        C.code_version(stage, "qwen2_5_omni" if stage in ("generate", "evaluate", "group") else None)
+    assert parsed and len(parsed) == len(set(parsed))
+    C.clear_caches()
+
+
 def test_code_version_parses_the_import_closure_once(monkeypatch):
     calls = []
     real = C._package_imports

@@ -200,7 +200,7 @@ def test_jobs_ran_through_slurm(runs):
     for _, _, comment, gres in jobs:
         rule = re.match(r"rule_([a-z_]+?)(_wildcards_.*)?$", comment).group(1)
         rules.setdefault(rule, set()).add(gres)
-    assert GPU_RULES | {"prepare", "filter", "aggregate", "select", "metrics", "report"} <= set(rules)
+    assert GPU_RULES | {"prepare", "filter", "aggregate", "select", "metrics_ident", "sweep", "report"} <= set(rules)
     for rule, gres in rules.items():  # the profile gives exactly the GPU rules the (fake) GPU
         assert all(("gpu:1" in g) == (rule in GPU_RULES) for g in gres), (rule, gres)
     # the plugin's per-job logs (kept by slurm-keep-successful-logs): rule_<rule>[/<wildcards>]/<jobid>.log,
@@ -217,7 +217,7 @@ def test_same_stage1_stats(runs):
     a, b = runs["local"], runs["slurm"]
     stores = _rel(a, "results/cache/stage1/*/shard-*/stats.zarr")
     assert len(stores) == 2 and stores == _rel(b, "results/cache/stage1/*/shard-*/stats.zarr")
-    for s in sorted(stores) + ["results/demo/ser/aggregate.zarr"]:
+    for s in sorted(stores) + ["results/demo/ser/aggregate/c3-unfiltered.zarr"]:
         ga, gb = zarr.open_group(str(a / s), mode="r"), zarr.open_group(str(b / s), mode="r")
         names = sorted(ga.array_keys())
         assert names and names == sorted(gb.array_keys()), s
@@ -228,10 +228,10 @@ def test_same_stage1_stats(runs):
 
 def test_same_masks_and_kept(runs):
     a, b = runs["local"] / "results/demo/ser", runs["slurm"] / "results/demo/ser"
-    masks = _rel(a, "masks/*.safetensors")
-    assert masks == {"masks/cas-r0.05.safetensors", "masks/random-cas-r0.05-s0.safetensors"}
-    assert masks == _rel(b, "masks/*.safetensors")
-    for f in sorted(masks) + ["filter/kept.tsv"]:
+    masks = _rel(a, "masks/c3-unfiltered/*.safetensors")
+    assert masks == {"masks/c3-unfiltered/cas-r0.05.safetensors", "masks/c3-unfiltered/random-cas-r0.05-s0.safetensors"}
+    assert masks == _rel(b, "masks/c3-unfiltered/*.safetensors")
+    for f in sorted(masks) + ["filter/c3-unfiltered/kept.tsv"]:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 

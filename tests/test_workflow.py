@@ -44,6 +44,35 @@ def planned(workdir: Path, *overlays: dict, repo: Path = REPO) -> dict[str, int]
     return counts
 
 
+def demo_config(*overlays: dict) -> dict:
+    """config.yaml, then config/demo.yaml, then `overlays`, merged as Snakemake merges config files."""
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    for o in (yaml.safe_load((REPO / "config" / "demo.yaml").read_text()), *overlays):
+        cfg = merge(cfg, o)
+    return cfg
+
+
+def eval_groups(cfg: dict) -> dict[int, list[str]]:
+    """Evaluation group -> its condition ids, as the workflow forms them."""
+    from emotion_neurons import conditions
+
+    grid = conditions.full_grid(cfg["select"], cfg["evaluate"], cfg["filter"])
+    return {g: [c["condition"] for c in cs] for g, cs in conditions.groups(grid, cfg["evaluate"]["groups"]).items()}
+
+
+def changed_groups(*overlays: dict) -> int:
+    """How many groups per shard and task gain or lose a condition when `overlays` go onto the demo config."""
+    old, new = eval_groups(demo_config()), eval_groups(demo_config(*overlays))
+    return sum(old.get(g) != new.get(g) for g in set(old) | set(new))
+
+
 def make_workdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").symlink_to(REPO / "config.yaml")
@@ -62,6 +91,56 @@ def test_bad_config_names_the_key(tmp_path):
     assert res.returncode != 0 and "bogus" in res.stderr + res.stdout
 
 
+def test_dry_run_counts_of_a_c_and_filtering_sweep(tmp_path):
+    """Each identification setting gets its own filter, aggregate, masks and metrics; evaluation stays one job
+    per group and shard however many settings there are, from the same stage-1 jobs."""
+    from emotion_neurons.tiny.__main__ import build_all
+
+    build_all(REPO / ".tiny")
+    wd = make_workdir(tmp_path / "wd")
+    sweep = {"filter": {"c": [3, 2], "enabled": [False, True]}}
+    jobs = planned(wd, sweep)
+    assert jobs["prepare"] == 2 and jobs["generate"] == 4 and jobs["judge_ident"] == 4
+    assert jobs["filter"] == jobs["aggregate"] == jobs["metrics_ident"] == 2 * 4
+    assert jobs["select"] == 2 * 4 * 4 and jobs["random_control"] == 2 * 4 * 8
+    assert jobs["evaluate"] == jobs["judge_eval"] == 2 * len(eval_groups(demo_config(sweep)))
+    assert jobs["sweep"] == 2 and jobs["report"] == 1
+    # one group of about 300 conditions: its params go through a content-addressed file, not the
+    # command line (one shell argument holds at most 128 KiB)
+    big = {**sweep, "evaluate": {"groups": 1, "alpha": [0.25, 0.5, 1.0, 1.5, 2.0]}}
+    (wd / "big.yaml").write_text(yaml.safe_dump(big))
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "big.yaml")).stdout
+    files = set(re.findall(r"emotion_neurons\.group evaluate --params '?@(results/cache/params/[0-9a-f]+\.json)", out))
+    assert len(files) == 2  # one group per task
+    import json
+
+    n_conds = len(eval_groups(demo_config(big))[0])
+    assert n_conds > 200 and all(len(json.loads((wd / f).read_text())["conditions"]) == n_conds for f in files)
+
+
+def test_dry_run_of_cross_task_transfer(tmp_path):
+    """transfer.tasks: each task evaluates the other's masks of the primary setting, with its own metrics;
+    no new identification jobs; target emotions without a SER mask are refused at start-up."""
+    from emotion_neurons.tiny.__main__ import build_all
+
+    build_all(REPO / ".tiny")
+    wd = make_workdir(tmp_path / "wd")
+    base = planned(wd)
+    jobs = planned(wd, {"transfer": {"tasks": True}})
+    assert {k: v for k, v in jobs.items() if k not in ("metrics_ident", "evaluate", "judge_eval")} == {
+        k: v for k, v in base.items() if k not in ("metrics_ident", "evaluate", "judge_eval")}
+    assert jobs["metrics_ident"] == 2 * 2 and jobs["evaluate"] >= base["evaluate"]
+    (wd / "tr.yaml").write_text(yaml.safe_dump({"transfer": {"tasks": True}}))
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "tr.yaml")).stdout
+    assert "from-ser-c3-unfiltered-cas-r0.05-steer-a1" in out and "ser/masks/c3-unfiltered/cas-r0.05" in out
+    assert "from-evc-c3-unfiltered-random-cas-r0.05-deactivate-s1" in out
+    assert "from-evc-c3-unfiltered-cas-r0.05-steer" not in out  # EVC masks only deactivate SER
+    (wd / "bad.yaml").write_text(yaml.safe_dump({"transfer": {"tasks": True},
+                                                 "tasks": {"ser": {"labels": ["neutral", "angry", "happy", "sad"]}}}))
+    res = snakemake(wd, "-n", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "bad.yaml"), check=False)
+    assert res.returncode != 0 and "surprise" in res.stdout + res.stderr and "tasks.ser.labels" in res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from emotion_neurons.tiny.__main__ import build_all
@@ -78,10 +157,16 @@ def test_demo_end_to_end(demo_run):
     html = (run / "report.html").read_text()
     assert "Selector comparison" in html and html.count("data:image/png;base64") >= 2
     for task in ("evc", "ser"):
-        kept = pd.read_csv(run / task / "filter" / "kept.tsv", sep="\t")
+        kept = pd.read_csv(run / task / "filter" / "c3-unfiltered" / "kept.tsv", sep="\t")
         assert kept.groupby("emotion").size().nunique() == 1  # capped to the same count per emotion
         # lap lape mad cas + 2 random controls matched to each of them
-        assert len(list((run / task / "masks").glob("*.safetensors"))) == 4 + 4 * 2
+        assert len(list((run / task / "masks" / "c3-unfiltered").glob("*.safetensors"))) == 4 + 4 * 2
+        # one model load per evaluation group that computed anything, never one per condition
+        logs = list((run / task / "logs").glob("evaluate-group*.log"))
+        assert len(logs) == len(eval_groups(demo_config()))
+        assert all("'model_loads': 1" in f.read_text() for f in logs)
+        sweep = pd.read_csv(run / task / "metrics" / "c_sweep.tsv", sep="\t")
+        assert set(sweep["ident"]) == {"c3-unfiltered"}
     deltas = pd.read_csv(run / "evc" / "metrics" / "deltas.tsv", sep="\t")
     assert {"delta", "ci_lo", "ci_hi"} <= set(deltas.columns) and len(deltas)
     effects = pd.read_csv(run / "ser" / "metrics" / "effects.tsv", sep="\t")
@@ -116,7 +201,7 @@ def test_nothing_to_do_after_a_run(demo_run):
 def test_filter_change_never_reruns_stage1(demo_run):
     jobs = planned(demo_run, {"filter": {"c": 2, "seed": 1}})
     assert {"prepare", "generate", "judge_ident"}.isdisjoint(jobs)
-    assert {"filter", "aggregate", "select", "metrics", "report"} <= set(jobs)
+    assert {"filter", "aggregate", "select", "metrics_ident", "sweep", "report"} <= set(jobs)
 
 
 @pytest.mark.slow
@@ -125,16 +210,48 @@ def test_new_r_adds_only_new_jobs(demo_run):
     assert {"prepare", "generate", "judge_ident", "filter", "aggregate"}.isdisjoint(jobs)
     assert jobs["select"] == 2 * 4  # 4 new selector masks per task
     assert jobs["random_control"] == 2 * 4 * 2  # 2 seeds of a matched control for each, per task
-    # one new evaluate per task x new condition (baseline and r=0.05 conditions are kept)
-    # 12 new masks per task (4 selector masks + 8 matched controls), each under deactivate and steer a1
-    assert jobs["evaluate"] == 2 * 12 * 2
+    # 12 new masks per task (4 selector masks + 8 matched controls), each under deactivate and steer a1: one
+    # evaluate job per task x group that gains one of them (the group's old conditions come from the cache)
+    n = changed_groups({"select": {"r": [0.05, 0.1]}})
+    assert 0 < n and jobs["evaluate"] == jobs["judge_eval"] == 2 * n
 
 
 @pytest.mark.slow
 def test_new_alpha_adds_only_new_jobs(demo_run):
     jobs = planned(demo_run, {"evaluate": {"alpha": [1.0, 0.5]}})
     assert {"prepare", "generate", "judge_ident", "filter", "aggregate", "select", "random_control"}.isdisjoint(jobs)
-    assert jobs["evaluate"] == 2 * 12  # steer a0.5 for each of 12 masks, per task
+    # steer a0.5 for each of 12 masks, per task: the groups that gain one of them
+    n = changed_groups({"evaluate": {"alpha": [1.0, 0.5]}})
+    assert 0 < n and jobs["evaluate"] == 2 * n
+
+
+@pytest.mark.slow
+def test_new_alpha_computes_only_new_conditions(demo_run, tmp_path):
+    """A re-run group evaluates its new conditions only: the others come from the per-condition cache."""
+    wd = tmp_path / "copy"  # a copy: the other tests need the demo run as it is
+    shutil.copytree(demo_run, wd, symlinks=True)
+    overlay = wd / "alpha.yaml"
+    overlay.write_text(yaml.safe_dump({"evaluate": {"alpha": [1.0, 0.5]}}))
+    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
+              "--until", "evaluate")
+    old = eval_groups(demo_config())
+    new = eval_groups(demo_config({"evaluate": {"alpha": [1.0, 0.5]}}))
+    for task in ("evc", "ser"):
+        for g, conds in new.items():
+            if conds == old.get(g):
+                continue
+            log = (wd / "results" / "demo" / task / "logs" / f"evaluate-group{g}-0.log").read_text()
+            added = len(set(conds) - set(old.get(g, [])))
+            assert f"'cached': {len(conds) - added}, 'computed': {added}, 'model_loads': 1" in log
+
+
+@pytest.mark.slow
+def test_new_c_and_filtering_add_only_their_identification_jobs(demo_run):
+    jobs = planned(demo_run, {"filter": {"c": [3, 2]}})
+    assert {"prepare", "generate", "judge_ident"}.isdisjoint(jobs)
+    # per task: one new setting (c2-unfiltered) with its own filter, aggregate, masks and metrics
+    assert jobs["filter"] == jobs["aggregate"] == 2 and jobs["select"] == 2 * 4 and jobs["random_control"] == 2 * 8
+    assert jobs["evaluate"] == 2 * changed_groups({"filter": {"c": [3, 2]}})
 
 
 @pytest.mark.slow
@@ -180,7 +297,8 @@ def _touch_code(copy: Path, module: str) -> None:
     "module, expected",
     [
         ("stages/report.py", {"report", "all"}),
-        ("stages/metrics.py", {"metrics", "report", "all"}),
+        ("stages/metrics.py", {"metrics_ident", "sweep", "report", "all"}),
+        ("stages/sweep.py", {"sweep", "report", "all"}),
         ("models/audio_flamingo3.py", set()),  # another model's adapter: nothing of this run
     ],
 )
@@ -194,8 +312,8 @@ def test_code_change_reruns_exactly_its_rules(demo_run, code_copy, module, expec
 def test_hook_code_change_reruns_stage1(demo_run, code_copy):
     _touch_code(code_copy, "hooks.py")
     jobs = planned(demo_run, repo=code_copy)
-    # per task: the baseline + 12 masks (4 selector masks, 8 matched controls) x (deactivate, steer a1)
-    assert jobs["generate"] == 4 and jobs["evaluate"] == 2 * (1 + 12 * 2)
+    # per task: every evaluation group (the baseline + 12 masks x (deactivate, steer a1), grouped)
+    assert jobs["generate"] == 4 and jobs["evaluate"] == 2 * len(eval_groups(demo_config()))
 
 
 def teardown_module(module):

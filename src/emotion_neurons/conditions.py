@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 BASELINE: dict[str, Any] = {
@@ -73,3 +74,79 @@ def grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], task: str | None 
 
 def by_id(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], task: str | None = None) -> dict[str, dict[str, Any]]:
     return {c["condition"]: c for c in grid(select_cfg, eval_cfg, task)}
+
+
+def group_of(cid: str, n_groups: int) -> int:
+    """The evaluation group of a condition: a stable function of its id alone, so adding a condition to the
+    grid never moves another one to a different group (and only its own group's jobs re-run)."""
+    if n_groups < 1:
+        raise ValueError(f"evaluate.groups must be >= 1, got {n_groups}")
+    return int(hashlib.sha256(cid.encode()).hexdigest()[:12], 16) % n_groups
+
+
+def groups(conds: list[dict[str, Any]], n_groups: int) -> dict[int, list[dict[str, Any]]]:
+    """Group number -> its conditions in grid order; groups with no condition are left out (no empty jobs)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for c in conds:
+        out.setdefault(group_of(c["condition"], n_groups), []).append(c)
+    return dict(sorted(out.items()))
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def ident_name(c: int, filtered: bool) -> str:
+    """`c<c>-filtered` or `c<c>-unfiltered`: one identification setting (stage 2 and 3 run once per setting)."""
+    return f"c{int(c)}-{'filtered' if filtered else 'unfiltered'}"
+
+
+def idents(filter_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every identification setting of `filter.c` x `filter.enabled` (each a value or a list), the first of
+    each list first: that one is the run's primary setting, shown in the report's main sections."""
+    cs, ens = _as_list(filter_cfg["c"]), _as_list(filter_cfg.get("enabled", True))
+    for key, vals in (("c", cs), ("enabled", ens)):
+        if len(vals) != len(set(vals)):
+            raise ValueError(f"filter.{key} lists a value twice: {vals}")
+    return [{"ident": ident_name(c, en), "c": int(c), "filtered": bool(en)} for c in cs for en in ens]
+
+
+def ident_filter(filter_cfg: dict[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
+    """The scalar filter section of one identification setting (what the filter and aggregate stages read)."""
+    return {**filter_cfg, "c": ident["c"], "enabled": ident["filtered"]}
+
+
+def full_grid(
+    select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_cfg: dict[str, Any], task: str | None = None
+) -> list[dict[str, Any]]:
+    """`grid` once per identification setting: the baseline (no mask, so no setting) once, then every masked
+    condition with its setting as the id prefix (`c50-filtered-lap-r0.005-steer-a1`), its mask as
+    `<setting>/<mask>` (the masks folder of that setting) and `ident`, `c`, `filtered` as columns."""
+    base = grid(select_cfg, eval_cfg, task)
+    out = [{**base[0], "ident": "", "c": -1, "filtered": ""}]
+    for idt in idents(filter_cfg):
+        for cond in base[1:]:
+            out.append({**cond, "condition": f"{idt['ident']}-{cond['condition']}", "mask": f"{idt['ident']}/{cond['mask']}",
+                        **idt})
+    return out
+
+
+#: Cross-task transfer (METHOD.md 3.5): the intervention each target task gets with the other task's masks.
+TRANSFER_INTERVENTIONS: dict[str, str] = {"evc": "steer", "ser": "deactivate"}
+
+
+def transfer_grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_cfg: dict[str, Any],
+                  source_task: str, target_task: str) -> list[dict[str, Any]]:
+    """The masks of `source_task`'s primary identification setting evaluated on `target_task`: SER masks
+    steer EVC (every alpha), EVC masks deactivate SER. Each condition's `ident` is `from-<source>-<setting>`
+    (its own metrics, so its random controls never pair with the target task's own), and `mask` is the
+    path under the run folder, `<source>/masks/<setting>/<mask>`."""
+    iv = TRANSFER_INTERVENTIONS[target_task]
+    src = idents(filter_cfg)[0]
+    ident = f"from-{source_task}-{src['ident']}"
+    out = []
+    for cond in grid(select_cfg, {**eval_cfg, "interventions": [iv]}, target_task)[1:]:
+        out.append({**cond, "condition": f"{ident}-{cond['condition']}",
+                    "mask": f"{source_task}/masks/{src['ident']}/{cond['mask']}", **src, "ident": ident,
+                    "source_task": source_task})
+    return out

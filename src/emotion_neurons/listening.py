@@ -47,7 +47,7 @@ def _pairs(run: Path, condition: str | None) -> tuple[pd.DataFrame, pd.DataFrame
     base, steer = _read_judged(tdir, "baseline"), _read_judged(tdir, condition)
     for name, t in (("baseline", base), (condition, steer)):
         if t is None:
-            raise FileNotFoundError(f"{tdir / 'eval' / name}: no judged-*.tsv; run the pipeline first")
+            raise FileNotFoundError(f"{tdir / 'eval'}: no group-*/judged-*/{name}.tsv; run the pipeline first")
     return base, steer, condition
 
 

@@ -3,14 +3,14 @@
 
 rule aggregate:
     input:
-        kept=f"{RUN}/{{task}}/filter/kept.tsv",
+        kept=f"{RUN}/{{task}}/filter/{{ident}}/kept.tsv",
         shards=lambda wc: shard_dirs(wc.task),
     output:
-        directory(f"{RUN}/{{task}}/aggregate.zarr"),
+        directory(f"{RUN}/{{task}}/aggregate/{{ident}}.zarr"),
     log:
-        f"{RUN}/{{task}}/logs/aggregate.log",
+        f"{RUN}/{{task}}/logs/aggregate-{{ident}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/aggregate.tsv"
+        f"{RUN}/{{task}}/benchmarks/aggregate-{{ident}}.tsv"
     conda:
         "../../envs/core.yaml"
     resources:
@@ -21,7 +21,7 @@ rule aggregate:
                 "task": wc.task,
                 "emotions": emotions(wc.task),
                 "spans": task_spans(wc.task),
-                "filter": config["filter"],
+                "filter": ident_filter(wc.ident),
                 "code": code_version("aggregate"),
             }
         ),

@@ -44,6 +44,9 @@ RUN = f"results/{check_run_name(config['run_name'])}"
 SELECTOR_MASK = rf"(?:{SELECTORS.pattern()})-r[0-9.e-]+"
 
 CACHE = "results/cache/stage1"
+# content-keyed per-condition results of the grouped evaluate and judge jobs (emotion_neurons.group)
+EVAL_CACHE = "results/cache/eval"
+JUDGED_CACHE = "results/cache/judged"
 # rules run `python -m emotion_neurons.stages.<stage>` from this checkout (also inside cluster jobs, which re-read
 # this file), so an edit to the package is what runs without reinstalling
 os.environ.update(
@@ -58,6 +61,10 @@ for _t in TASKS:
     task_dataset(config, _t)
 KEYS = {t: stage1_key(config, t) for t in TASKS}
 KEY2TASK = {k: t for t, k in KEYS.items()}
+# identification settings (filter.c x filter.enabled): stages 2-3 and the masks run once per setting, all from
+# the same stage-1 statistics; the first setting is the primary one (the report's main sections)
+IDENTS = {i["ident"]: i for i in _cond.idents(config["filter"])}
+PRIMARY = next(iter(IDENTS))
 # environment of the model family (used by the GPU rules' conda: directive)
 MODEL_ENV = f"../../envs/{_adapter_entry(config['model']['adapter']).env}.yaml"
 
@@ -68,7 +75,9 @@ wildcard_constraints:
     n=r"\d+",
     key="|".join(KEYS.values()) or "none",
     mask=SELECTOR_MASK,
+    ident="|".join(IDENTS),
     condition=r"[A-Za-z0-9_.-]+",
+    group=r"\d+",
 
 
 def emotions(task):
@@ -100,14 +109,69 @@ def _masks_by_name():
     return {m["mask"]: m for m in _cond.masks(config["select"])}
 
 
+TRANSFER = (config.get("transfer") or {}).get("tasks", False) and {"evc", "ser"} <= set(
+    TASKS
+)
+if TRANSFER:
+    _missing = sorted(set(emotions("evc")) - set(emotions("ser")))
+    if _missing:
+        raise ValueError(
+            f"transfer.tasks: SER masks steer EVC, but target emotion(s) {_missing} of tasks.evc.target_emotions "
+            "are not among tasks.ser.labels (no SER mask to steer them with)"
+        )
+
+
 @functools.cache
 def _grid(task):
-    return _cond.grid(config["select"], config["evaluate"], task)
+    """The task's conditions; a mask is named by its path under the run folder (`<task>/masks/<setting>/..`),
+    so cross-task transfer conditions (transfer.tasks) can take the other task's masks.
+    """
+    own = [
+        {
+            **c,
+            "mask": f"{task}/masks/{c['mask']}" if c["mask"] else "",
+            "source_task": task if c["mask"] else "",
+        }
+        for c in _cond.full_grid(
+            config["select"], config["evaluate"], config["filter"], task
+        )
+    ]
+    out = own
+    if TRANSFER:
+        other = "ser" if task == "evc" else "evc"
+        out = own + _cond.transfer_grid(
+            config["select"], config["evaluate"], config["filter"], other, task
+        )
+    # `mix` reads its temperature; only its conditions carry it, so changing it re-runs only them
+    tau = float(config["evaluate"].get("mix_temperature", 1.0))
+    return [
+        {**c, "mix_temperature": tau} if c["intervention"] == "mix" else c for c in out
+    ]
 
 
 @functools.cache
 def _grid_by_id(task):
-    return _cond.by_id(config["select"], config["evaluate"], task)
+    return {c["condition"]: c for c in _grid(task)}
+
+
+def metric_idents(task):
+    """The settings whose metrics are computed for `task`: its own, then the cross-task transfer one."""
+    out = list(IDENTS.values())
+    if TRANSFER:
+        other = "ser" if task == "evc" else "evc"
+        src = IDENTS[PRIMARY]
+        out.append({**src, "ident": f"from-{other}-{PRIMARY}", "source_task": other})
+    return out
+
+
+def ident_filter(ident):
+    """The scalar filter settings of one identification setting."""
+    return _cond.ident_filter(config["filter"], IDENTS[ident])
+
+
+def ident_conditions(task, ident):
+    """The baseline and the conditions of one identification setting (the input of its metrics)."""
+    return [c for c in conditions(task) if c["ident"] in ("", ident)]
 
 
 def mask_spec(name):
@@ -193,42 +257,132 @@ def mem_mb(base):
     return f
 
 
-def eval_inputs(wc):
-    cond = condition(wc.task, wc.condition)
-    inputs = {"manifest": f"{stage1_dir(wc.task)}/instances.jsonl"}
-    if cond["mask"]:
-        inputs["mask"] = f"{RUN}/{wc.task}/masks/{cond['mask']}.safetensors"
-    if _iv.INTERVENTIONS[cond["intervention"]].needs_means:  # erase: M of stage 3
-        inputs["aggregate"] = f"{RUN}/{wc.task}/aggregate.zarr"
-    return inputs
-
-
-def eval_params(wc):
-    return _eval_params(wc.task, wc.condition)
+def n_groups():
+    return int(config["evaluate"].get("groups", 8))
 
 
 @functools.cache
-def _eval_params(task, cid):
+def _groups(task):
+    return _cond.groups(conditions(task), n_groups())
+
+
+def eval_groups(task):
+    """The groups of `task` that hold at least one condition."""
+    return list(_groups(task))
+
+
+def group_conditions(task, g):
+    try:
+        return _groups(task)[int(g)]
+    except KeyError:
+        raise ValueError(
+            f"task {task}: evaluation group {g} holds no condition"
+        ) from None
+
+
+def eval_inputs(wc):
+    conds = group_conditions(wc.task, wc.group)
+    return {
+        "manifest": f"{stage1_dir(wc.task)}/instances.jsonl",
+        "masks": sorted({f"{RUN}/{c['mask']}.safetensors" for c in conds if c["mask"]}),
+        # erase reads M of its identification setting's stage-3 aggregate
+        "aggregates": sorted(
+            {
+                f"{RUN}/{c['source_task']}/aggregate/{c['ident']}.zarr"
+                for c in conds
+                if _iv.INTERVENTIONS[c["intervention"]].needs_means
+            }
+        ),
+    }
+
+
+def _eval_common(task):
+    return {
+        "task": task,
+        "model": model_params(),
+        "task_cfg": {k: v for k, v in config["tasks"][task].items() if k != "spans"},
+        "data": config["data"],
+        "eval": {
+            k: config["evaluate"].get(k)
+            for k in ("positions", "max_instances_per_shard", "sample_seed")
+        },
+        "component": config["component"],
+        "hook_site": config["hook_site"],
+        "code": code_version("evaluate", config["model"]["adapter"]),
+    }
+
+
+PARAMS_CACHE = "results/cache/params"
+INLINE_PARAMS_MAX = 32_000
+
+
+def big_params(text):
+    """`text` itself, or for a long one `@<file>` of it, content-addressed: a shell command line (one argument
+    of at most 128 KiB on Linux) cannot carry the params of a group of hundreds of conditions. The file name
+    is the content hash, so a changed group still changes its params (and re-runs); written at DAG build.
+    """
+    if len(text) <= INLINE_PARAMS_MAX:
+        return text
+    import hashlib
+
+    from emotion_neurons.io import write_text
+
+    path = Path(PARAMS_CACHE) / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    if not path.exists():
+        write_text(path, text)
+    return f"@{path}"
+
+
+def eval_params(wc):
+    return big_params(_eval_params(wc.task, int(wc.group)))
+
+
+@functools.cache
+def _eval_params(task, g):
+    """A group's params: what its conditions share, then each condition (the per-condition cache key is
+    `common` + the condition, so regrouping never invalidates a computed condition)."""
     return dumps(
         {
-            "task": task,
-            "condition": condition(task, cid),
-            "model": model_params(),
-            "task_cfg": {
-                k: v for k, v in config["tasks"][task].items() if k != "spans"
-            },
-            "data": config["data"],
-            "eval": {
-                k: config["evaluate"].get(k)
-                for k in ("positions", "max_instances_per_shard", "sample_seed")
-            }
-            | (
-                {"mix_temperature": config["evaluate"].get("mix_temperature", 1.0)}
-                if condition(task, cid)["intervention"] == "mix"
-                else {}
-            ),
-            "component": config["component"],
-            "hook_site": config["hook_site"],
-            "code": code_version("evaluate", config["model"]["adapter"]),
+            "common": _eval_common(task),
+            "conditions": group_conditions(task, g),
         }
     )
+
+
+@functools.cache
+def _judge_group_params(task, g):
+    common = _judge.params(config, task, None)
+    del common["condition"]
+    return dumps(
+        {
+            "common": common,
+            "conditions": [
+                {k: v for k, v in c.items() if k != "mask"}
+                for c in group_conditions(task, g)
+            ],
+        }
+    )
+
+
+def judged_dirs(task):
+    return [
+        f"{RUN}/{task}/eval/group-{g}/judged-{i}"
+        for g in eval_groups(task)
+        for i in range(n_eval_shards())
+    ]
+
+
+def judged_files(task, ident=None):
+    """Every condition's judged table (of one identification setting and the baseline, with `ident`), inside
+    the judged directories of its group."""
+    return [
+        f"{RUN}/{task}/eval/group-{g}/judged-{i}/{c['condition']}.tsv"
+        for g, conds in _groups(task).items()
+        for i in range(n_eval_shards())
+        for c in conds
+        if ident is None or c["ident"] in ("", ident)
+    ]
+
+
+def ident_judged_dirs(task, ident):
+    return sorted({str(Path(f).parent) for f in judged_files(task, ident)})

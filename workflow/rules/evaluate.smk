@@ -3,15 +3,15 @@
 
 rule select:
     input:
-        f"{RUN}/{{task}}/aggregate.zarr",
+        f"{RUN}/{{task}}/aggregate/{{ident}}.zarr",
     output:
-        mask=f"{RUN}/{{task}}/masks/{{mask}}.safetensors",
-        meta=f"{RUN}/{{task}}/masks/{{mask}}.json",
-        export=f"{RUN}/{{task}}/masks/{{mask}}.neurons.json",
+        mask=f"{RUN}/{{task}}/masks/{{ident}}/{{mask}}.safetensors",
+        meta=f"{RUN}/{{task}}/masks/{{ident}}/{{mask}}.json",
+        export=f"{RUN}/{{task}}/masks/{{ident}}/{{mask}}.neurons.json",
     log:
-        f"{RUN}/{{task}}/logs/select-{{mask}}.log",
+        f"{RUN}/{{task}}/logs/select-{{ident}}-{{mask}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/select-{{mask}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/select-{{ident}}-{{mask}}.tsv"
     conda:
         "../../envs/core.yaml"
     params:
@@ -23,15 +23,15 @@ rule select:
 # the random control of a selector's mask: same realised size per emotion (and per layer, by default)
 rule random_control:
     input:
-        f"{RUN}/{{task}}/masks/{{source}}.safetensors",
+        f"{RUN}/{{task}}/masks/{{ident}}/{{source}}.safetensors",
     output:
-        mask=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.safetensors",
-        meta=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.json",
-        export=f"{RUN}/{{task}}/masks/random-{{source}}-s{{rseed}}.neurons.json",
+        mask=f"{RUN}/{{task}}/masks/{{ident}}/random-{{source}}-s{{rseed}}.safetensors",
+        meta=f"{RUN}/{{task}}/masks/{{ident}}/random-{{source}}-s{{rseed}}.json",
+        export=f"{RUN}/{{task}}/masks/{{ident}}/random-{{source}}-s{{rseed}}.neurons.json",
     log:
-        f"{RUN}/{{task}}/logs/select-random-{{source}}-s{{rseed}}.log",
+        f"{RUN}/{{task}}/logs/select-{{ident}}-random-{{source}}-s{{rseed}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/select-random-{{source}}-s{{rseed}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/select-{{ident}}-random-{{source}}-s{{rseed}}.tsv"
     wildcard_constraints:
         source=SELECTOR_MASK,
         rseed=r"\d+",
@@ -49,80 +49,77 @@ rule random_control:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.select --params {params.p:q} --control-of {input} --out {output.mask} > {log} 2>&1"
 
 
+# one job per (task, evaluation group, shard): one model load for every condition of the group
 rule evaluate:
     input:
         unpack(eval_inputs),
     output:
-        directory(f"{RUN}/{{task}}/eval/{{condition}}/shard-{{shard}}"),
+        directory(f"{RUN}/{{task}}/eval/group-{{group}}/shard-{{shard}}"),
     log:
-        f"{RUN}/{{task}}/logs/evaluate-{{condition}}-{{shard}}.log",
+        f"{RUN}/{{task}}/logs/evaluate-group{{group}}-{{shard}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/evaluate-{{condition}}-{{shard}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/evaluate-group{{group}}-{{shard}}.tsv"
     retries: 1
     conda:
         MODEL_ENV
     resources:
         mem_mb=mem_mb(32000),
-        runtime=240,
+        runtime=lambda wc: 240 * len(group_conditions(wc.task, wc.group)),
         gpu_job=1,
         attempt=attempt,
         batch_size=config["model"].get("batch_size", 1),
     params:
         p=eval_params,
         n=n_eval_shards(),
-        mask=lambda wc, input: f"--mask {input.mask}" if "mask" in input.keys() else "",
-        agg=lambda wc, input: (
-            f"--aggregate {input.aggregate}" if "aggregate" in input.keys() else ""
-        ),
+        masks=RUN,
+        cache=EVAL_CACHE,
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.evaluate --params {params.p:q} --manifest {input.manifest} {params.mask} {params.agg} "
-            "--shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
-            "--out {output} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.evaluate group --params {params.p:q} --manifest {input.manifest} "
+            "--run-dir {params.masks} --shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
+            "--cache {params.cache} --out {output} > {log} 2>&1"
         )
 
 
 rule judge_eval:
     input:
-        f"{RUN}/{{task}}/eval/{{condition}}/shard-{{shard}}",
+        f"{RUN}/{{task}}/eval/group-{{group}}/shard-{{shard}}",
     output:
-        f"{RUN}/{{task}}/eval/{{condition}}/judged-{{shard}}.tsv",
+        directory(f"{RUN}/{{task}}/eval/group-{{group}}/judged-{{shard}}"),
     log:
-        f"{RUN}/{{task}}/logs/judge_eval-{{condition}}-{{shard}}.log",
+        f"{RUN}/{{task}}/logs/judge_eval-group{{group}}-{{shard}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/judge_eval-{{condition}}-{{shard}}.tsv"
+        f"{RUN}/{{task}}/benchmarks/judge_eval-group{{group}}-{{shard}}.tsv"
     retries: 1
     conda:
         "../../envs/judges.yaml"
     resources:
         mem_mb=mem_mb(16000),
-        runtime=120,
+        runtime=lambda wc: 120 * len(group_conditions(wc.task, wc.group)),
         gpu_job=1,
         attempt=attempt,
     params:
-        p=lambda wc: judge_params(
-            wc.task,
-            {k: v for k, v in condition(wc.task, wc.condition).items() if k != "mask"},
-        ),
+        p=lambda wc: big_params(_judge_group_params(wc.task, int(wc.group))),
+        cache=JUDGED_CACHE,
     shell:
         guarded(
-            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.judge --params {params.p:q} --outputs {input}/outputs.tsv --out {output} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.judge group --params {params.p:q} --evaluated {input} "
+            "--cache {params.cache} --out {output} > {log} 2>&1"
         )
 
 
-rule metrics:
+# metrics of one identification setting (its conditions and the shared baseline)
+rule metrics_ident:
     input:
-        lambda wc: [
-            f"{RUN}/{wc.task}/eval/{c['condition']}/judged-{i}.tsv"
-            for c in conditions(wc.task)
-            for i in range(n_eval_shards())
-        ],
+        lambda wc: ident_judged_dirs(wc.task, wc.ident),
     output:
-        directory(f"{RUN}/{{task}}/metrics"),
+        directory(f"{RUN}/{{task}}/metrics-by-ident/{{ident}}"),
     log:
-        f"{RUN}/{{task}}/logs/metrics.log",
+        f"{RUN}/{{task}}/logs/metrics-{{ident}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/metrics.tsv"
+        f"{RUN}/{{task}}/benchmarks/metrics-{{ident}}.tsv"
+    wildcard_constraints:
+        ident=r"(from-[a-z]+-)?c\d+-(un)?filtered",
     conda:
         "../../envs/core.yaml"
     params:
@@ -136,27 +133,49 @@ rule metrics:
                 "code": code_version("metrics"),
             }
         ),
+        judged=lambda wc: " ".join(judged_files(wc.task, wc.ident)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.metrics --params {params.p:q} --judged {input} --outdir {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.metrics --params {params.p:q} --judged {params.judged} --outdir {output} > {log} 2>&1"
+
+
+# every setting's tables side by side (columns ident, c, filtered) plus the c sweep and the filtering ablation
+rule sweep:
+    input:
+        lambda wc: [
+            f"{RUN}/{wc.task}/metrics-by-ident/{i['ident']}"
+            for i in metric_idents(wc.task)
+        ],
+    output:
+        directory(f"{RUN}/{{task}}/metrics"),
+    log:
+        f"{RUN}/{{task}}/logs/sweep.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        p=lambda wc: dumps(
+            {
+                "task": wc.task,
+                "idents": metric_idents(wc.task),
+                "code": code_version("sweep"),
+            }
+        ),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.sweep --params {params.p:q} --inputs {input} --outdir {output} > {log} 2>&1"
 
 
 rule report:
     input:
         metrics=expand(f"{RUN}/{{task}}/metrics", task=TASKS),
-        filters=expand(f"{RUN}/{{task}}/filter/summary.tsv", task=TASKS),
+        filters=[f"{RUN}/{t}/filter/{i}/summary.tsv" for t in TASKS for i in IDENTS],
         masks=[
-            f"{RUN}/{t}/masks/{m['mask']}.safetensors"
+            f"{RUN}/{t}/masks/{i}/{m['mask']}.safetensors"
             for t in TASKS
+            for i in IDENTS
             for m in _cond.masks(config["select"])
         ],
         data=[f for t in TASKS for f in prepared_tables(t)],
         # per-utterance rows (baseline intervals, the EVC audio) and the stage-1 list of skipped audio
-        judged=lambda wc: [
-            f"{RUN}/{t}/eval/{c['condition']}/judged-{i}.tsv"
-            for t in TASKS
-            for c in conditions(t)
-            for i in range(n_eval_shards())
-        ],
+        judged=[d for t in TASKS for d in judged_dirs(t)],
         bad=[f"{stage1_dir(t)}/bad_audio.tsv" for t in TASKS],
     output:
         f"{RUN}/report.html",
@@ -177,7 +196,10 @@ rule report:
                 },
                 "stage1": {t: stage1_dir(t) for t in TASKS},
                 "filter": {"wer_max": config["filter"].get("wer_max")},
-                "masks": [m["mask"] for m in _cond.masks(config["select"])],
+                "masks": [
+                    f"{PRIMARY}/{m['mask']}" for m in _cond.masks(config["select"])
+                ],
+                "ident": PRIMARY,
                 "model": config["model"]["id"],
                 "data_tables": {t: prepared_tables(t) for t in TASKS},
                 "config": config,

@@ -32,19 +32,19 @@ rule filter:
             f"{RUN}/{wc.task}/ident_judged/shard-{{i}}.tsv", i=range(n_shards(wc.task))
         ),
     output:
-        kept=f"{RUN}/{{task}}/filter/kept.tsv",
-        summary=f"{RUN}/{{task}}/filter/summary.tsv",
+        kept=f"{RUN}/{{task}}/filter/{{ident}}/kept.tsv",
+        summary=f"{RUN}/{{task}}/filter/{{ident}}/summary.tsv",
     log:
-        f"{RUN}/{{task}}/logs/filter.log",
+        f"{RUN}/{{task}}/logs/filter-{{ident}}.log",
     benchmark:
-        f"{RUN}/{{task}}/benchmarks/filter.tsv"
+        f"{RUN}/{{task}}/benchmarks/filter-{{ident}}.tsv"
     conda:
         "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
                 "task": wc.task,
-                "filter": config["filter"],
+                "filter": ident_filter(wc.ident),
                 "emotions": emotions(wc.task),
                 "code": code_version("filter"),
             }

@@ -97,7 +97,14 @@ def first_pass_weights(
     return dict(zip(ids, W, strict=True)), audit
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, adapter=None) -> int:
+    """One condition on one shard; `adapter`: an already loaded model (emotion_neurons.group loads it once for
+    a group of conditions)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["group"]:  # the rule's entry point: a group of conditions, one model load
+        from ..group import cli
+
+        return cli("evaluate", argv[1:])
     ap = argparse.ArgumentParser(description="Stage 4b: generate held-out outputs under an intervention")
     ap.add_argument("--params", required=True)
     ap.add_argument("--manifest", required=True)
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = spec.cls
     if kind.routing != "label" and task != "ser":
         raise ValueError(f"intervention {spec.kind!r} is a label-agnostic SER injection; task {task!r} has labels")
-    adapter = load_adapter(p["model"])
+    adapter = adapter if adapter is not None else load_adapter(p["model"])
     settings = settings_from(task, p["task_cfg"], p["model"])
     masks = emotions = values = None
     if spec.kind != "none":

@@ -172,14 +172,23 @@ def _device(dev: str) -> str:
         return "cpu"
 
 
-def judge_table(task: str, outputs_path: str | Path, cfg: dict[str, Any], labels: list[str]) -> pd.DataFrame:
+def judge_table(
+    task: str, outputs_path: str | Path, cfg: dict[str, Any], labels: list[str], evc: EvcJudge | None = None
+) -> pd.DataFrame:
+    """Judged rows of one outputs.tsv; `evc`: judges already loaded (a grouped judge job loads them once)."""
     outputs = read_table(outputs_path)
     if outputs.empty:
         return outputs
-    return JUDGES[task](cfg, labels)(outputs, Path(outputs_path).parent)
+    judge = evc if evc is not None else JUDGES[task](cfg, labels)
+    return judge(outputs, Path(outputs_path).parent)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, evc: EvcJudge | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["group"]:  # the rule's entry point: a group of conditions, one model load
+        from ..group import cli
+
+        return cli("judge", argv[1:])
     ap = argparse.ArgumentParser(description="Stage 2: judge generated outputs")
     ap.add_argument("--params", required=True)
     ap.add_argument("--outputs", required=True, help="outputs.tsv of a shard")
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     p = load_params(a.params)
-    df = judge_table(p["task"], a.outputs, p["judges"], p["labels"])
+    df = judge_table(p["task"], a.outputs, p["judges"], p["labels"], evc)
     for k, v in (p.get("condition") or {}).items():
         df[k] = v
     write_table(a.out, df)

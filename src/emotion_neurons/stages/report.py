@@ -178,7 +178,9 @@ def evc_baseline(rows: pd.DataFrame, n_boot: int, seed: int, ci: float = 0.95) -
 
 
 def _read_judged(tdir: Path, cond: str) -> pd.DataFrame | None:
-    files = sorted((tdir / "eval" / cond).glob("judged-*.tsv"))
+    # grouped evaluation (emotion_neurons.group): eval/group-<g>/judged-<shard>/<condition>.tsv beside
+    # eval/group-<g>/shard-<shard>/<condition>/ (its outputs and EVC audio)
+    files = sorted((tdir / "eval").glob(f"group-*/judged-*/{cond}.tsv"))
     parts = []
     for f in files:
         if not f.read_text().strip():
@@ -190,14 +192,18 @@ def _read_judged(tdir: Path, cond: str) -> pd.DataFrame | None:
             if c in t.columns:
                 t[c] = t[c].fillna("")
         if not t.empty:
-            t["_shard_dir"] = str(f.parent / f.name.replace("judged-", "shard-").removesuffix(".tsv"))
+            t["_shard_dir"] = str(f.parent.parent / f.parent.name.replace("judged-", "shard-") / cond)
             parts.append(t)
     return pd.concat(parts, ignore_index=True) if parts else None
 
 
-def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: list[str] | None = None) -> dict[str, Any]:
+def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: list[str] | None = None,
+              ident: str | None = None) -> dict[str, Any]:
     """Everything the report shows for one task: metric tables, filter summary, masks, baseline rows (EVC
-    rows decided as the metrics stage decides them: target realised, content kept under `wer_max`)."""
+    rows decided as the metrics stage decides them: target realised, content kept under `wer_max`).
+
+    `ident`: the primary identification setting (`c<c>-filtered`, emotion_neurons.stages.sweep); the main sections
+    show its rows only, `sweeps` holds the c sweep and the filtering ablation over all settings."""
     from .filter import decide
 
     tdir = run / task
@@ -207,7 +213,10 @@ def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: li
     if base is not None and task == "evc" and not base.empty:
         base = decide(base, "evc", wer_max)
     tables = {p.stem: read_table(p) for p in sorted((tdir / "metrics").glob("*.tsv"))}
-    filt = tdir / "filter" / "summary.tsv"
+    sweeps = {k: tables.pop(k) for k in SWEEP_TABLES if k in tables}
+    if ident:
+        tables = {k: _one_setting(v, ident) for k, v in tables.items()}
+    filt = tdir / "filter" / ident / "summary.tsv" if ident else tdir / "filter" / "summary.tsv"
     masks = {}
     # the masks of this config only (a folder can hold masks of an earlier grid)
     files = ([tdir / "masks" / f"{n}.safetensors" for n in sorted(mask_names)] if mask_names is not None
@@ -215,7 +224,19 @@ def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: li
     for m in files:
         masks[m.stem] = load_mask(m)
     return {"task": task, "dir": tdir, "tables": tables, "filter": read_table(filt) if filt.exists() else None,
-            "masks": masks, "baseline": base}
+            "masks": masks, "baseline": base, "sweeps": sweeps}
+
+
+#: Tables of emotion_neurons.stages.sweep that span every identification setting.
+SWEEP_TABLES: tuple[str, ...] = ("c_sweep", "filter_ablation", "task_transfer")
+
+
+def _one_setting(t: pd.DataFrame, ident: str) -> pd.DataFrame:
+    """The rows of one identification setting, without the setting's columns (the main sections' view)."""
+    if "ident" not in t.columns:
+        return t
+    cols = [c for c in ("ident", "c", "filtered", "masks_from") if c in t.columns]
+    return t[t["ident"].astype(str).eq(ident)].drop(columns=cols).reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------ headline
@@ -404,14 +425,15 @@ def selector_comparison(task: str, tables: dict[str, pd.DataFrame]) -> str:
 def _line_name(row: dict[str, Any], swept: str) -> str:
     """A setting's label without the swept parameter: the name of its line in a sensitivity plot."""
     parts = label(row).split(" ")
-    drop = "r=" if swept == "r" else "a="
+    drop = {"r": "r=", "alpha": "a="}.get(swept, "\0")  # c is not part of the label
     return " ".join(p for p in parts if not p.startswith(drop))
 
 
 def sensitivity(task: str, tables: dict[str, pd.DataFrame], param: str) -> str:
     """Effect against r (Figure 4) or against alpha (dose-response), one line per selector with its band."""
     names = {"r": ("r", "sensitivity to the neuron ratio r (Paper A, Figure 4)"),
-             "alpha": ("alpha", "dose-response: sensitivity to the steering strength alpha")}
+             "alpha": ("alpha", "dose-response: sensitivity to the steering strength alpha"),
+             "c": ("c", "sensitivity to the success instance size c (Paper A, Figure 5)")}
     col, what = names[param]
     fid, title = f"{task}-sens-{param}", f"{task.upper()}: {what}"
     d, v, lo, hi, ylab = _main_rows(task, tables)
@@ -422,7 +444,8 @@ def sensitivity(task: str, tables: dict[str, pd.DataFrame], param: str) -> str:
     vals = sorted(d[col].astype(float).unique())
     if len(vals) < 2:
         return absent(fid, title, f"this run has {len(vals)} value(s) of {col} ({', '.join(f'{x:g}' for x in vals) or 'none'}); "
-                      f"list several in the config ({'select.r' if param == 'r' else 'evaluate.alpha'}) to see the curve")
+                      f"list several in the config ({ {'r': 'select.r', 'alpha': 'evaluate.alpha', 'c': 'filter.c'}[param]}) "
+                      "to see the curve")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     d = d.assign(_line=[_line_name(r, col) for r in d.to_dict("records")])
     for name, g in d.groupby("_line", sort=True):
@@ -440,17 +463,53 @@ def sensitivity(task: str, tables: dict[str, pd.DataFrame], param: str) -> str:
     return figure(fid, title, how, _png(fig, title))
 
 
-def sweep_absent(task: str, tables: dict[str, pd.DataFrame]) -> list[str]:
-    """c and the filtering ablation: only when the tables carry those columns (a later sweep adds them)."""
-    out = []
-    cols = set().union(*(set(t.columns) for t in tables.values())) if tables else set()
-    for key, title in (("c", "sensitivity to c (Paper A, Figure 5)"),
-                       ("filter", "filtering ablation (filter on vs off)")):
-        fid = f"{task}-sens-{key}"
-        if key not in cols:
-            out.append(absent(fid, f"{task.upper()}: {title}",
-                              f"the metric tables have no `{key}` column; this run did not sweep it"))
-    return out
+def c_sweep(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
+    """Effect against c (Paper A, Figure 5): one line per selector, filtering at the primary setting."""
+    fid, title = f"{task}-sens-c", f"{task.upper()}: sensitivity to the success instance size c (Paper A, Figure 5)"
+    t = sweeps.get("c_sweep")
+    if t is None or t.empty:
+        return absent(fid, title, "the run has no c_sweep table (metrics of an older run)")
+    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
+    return sensitivity(task, {key: t}, "c")
+
+
+def task_transfer(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
+    """The other task's masks on this task (SER masks steering EVC, EVC masks deactivating SER)."""
+    other = "SER" if task == "evc" else "EVC"
+    how_iv = "steer" if task == "evc" else "deactivate"
+    fid, title = f"{task}-transfer-task", f"{task.upper()}: cross-task transfer ({other} masks {how_iv} {task.upper()})"
+    t = sweeps.get("task_transfer")
+    if t is None or t.empty:
+        return absent(fid, title, "cross-task transfer is off (transfer.tasks: false) or one of the tasks is disabled")
+    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
+    d, v, lo, hi, ylab = _main_rows(task, {key: t})
+    rows = [{"setting": label(r), "masks from": r["masks_from"], ylab: f"{float(r[v]):.3g} [{float(r[lo]):.3g}, {float(r[hi]):.3g}]"}
+            for r in d.to_dict("records")]
+    how = (f"masks selected on {other} identification, applied to {task.upper()} held-out data through the shared "
+           "emotion names; compare each selector with its random control and with the same selector's own-task effect above.")
+    return figure(fid, title, how, _table(pd.DataFrame(rows)))
+
+
+def filter_ablation(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
+    """Filtered vs unfiltered identification at the primary c: each setting's effect side by side."""
+    fid, title = f"{task}-sens-filter", f"{task.upper()}: filtering ablation (filtered vs unfiltered identification)"
+    t = sweeps.get("filter_ablation")
+    if t is None or t.empty:
+        return absent(fid, title, "the run has no filter_ablation table (metrics of an older run)")
+    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
+    d, v, lo, hi, ylab = _main_rows(task, {key: t})
+    vals = sorted(d["filtered"].astype(str).unique())
+    if len(vals) < 2:
+        return absent(fid, title, f"this run identifies with filter.enabled = {', '.join(vals)} only; list "
+                      "[true, false] to compare filtered with unfiltered identification")
+    rows = []
+    for (lab, flt), g in d.assign(_l=[label(r) for r in d.to_dict("records")]).groupby(["_l", "filtered"], sort=False):
+        r = g.iloc[0]
+        rows.append({"setting": lab, "filtered": flt, "c": r["c"],
+                     ylab: f"{float(r[v]):.3g} [{float(r[lo]):.3g}, {float(r[hi]):.3g}]"})
+    how = ("each selector setting identified once on judged successes (filtered) and once on instances kept "
+           "regardless of success (unfiltered), same c; a gap between the two rows of a setting is what filtering buys.")
+    return figure(fid, title, how, _table(pd.DataFrame(rows)))
 
 
 def change_matrices(tables: dict[str, pd.DataFrame]) -> str:
@@ -721,7 +780,7 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
     ev = params.get("evaluate", {}) or {}
     n_boot, seed, ci = int(ev.get("bootstrap", 1000)), int(ev.get("seed", 0)), float(ev.get("ci", 0.95))
     wer_max = (params.get("filter") or {}).get("wer_max")
-    tasks = {task: load_task(run, task, wer_max, params.get("masks")) for task in params["tasks"]}
+    tasks = {task: load_task(run, task, wer_max, params.get("masks"), params.get("ident")) for task in params["tasks"]}
     body = [f"<h1>{title}</h1><p>model <code>{esc(str(params.get('model')))}</code>, run <code>{esc(str(run))}</code>. "
             "Effects are in accuracy points (×100) unless stated; brackets are 95% intervals.</p>",
             "<nav>" + "".join(f"<a href='#{t}-headline'>{t.upper()}</a>" for t in tasks) +
@@ -737,12 +796,15 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
         body.append(selector_comparison(task, tb))
         body.append(sensitivity(task, tb, "r"))
         body.append(sensitivity(task, tb, "alpha"))
-        body.extend(sweep_absent(task, tb))
+        body.append(c_sweep(task, t["sweeps"]))
+        body.append(filter_ablation(task, t["sweeps"]))
+        body.append(task_transfer(task, t["sweeps"]))
         if task == "ser":
             body.append(change_matrices(tb))
             body.append(injections(t))
             body.append(absent("ser-transfer", "SER transfer matrices",
-                               "the run evaluates masks on the dataset and task they were selected on only"))
+                               "cross-dataset transfer (masks of one dataset evaluated on another) is not implemented yet; "
+                               "cross-task transfer is the section above"))
         body.append(layer_figures(task, t["masks"]))
         if task == "evc":
             body.append(evc_audio(t, int(rep.get("audio_per_emotion", 2)), seed))
