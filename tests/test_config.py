@@ -17,6 +17,9 @@ def test_import_closure():
     assert "models/audio_flamingo3.py" in _names("generate", "audio_flamingo3")
     assert "filter.py" in _names("metrics")  # summarize decides success with filter.decide
     assert "selectors.py" in _names("report")
+    # the grouped evaluate/judge jobs: evaluate and judge with this model's adapter only
+    grp = _names("group", "qwen2_5_omni")
+    assert {"evaluate.py", "judge.py", "models/qwen_omni.py"} <= grp and "models/audio_flamingo3.py" not in grp
 
 
 def test_code_version_is_stable_and_adapter_specific():

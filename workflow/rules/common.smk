@@ -311,7 +311,8 @@ def _judge_group_params(task, g):
                 {k: v for k, v in c.items() if k != "mask"}
                 for c in group_conditions(task, g)
             ],
-            "group_code": code_version("group"),
+            # with the adapter: group.py imports evaluate, whose closure would otherwise hold every adapter
+            "group_code": code_version("group", config["model"]["adapter"]),
         }
     )
 
