@@ -17,6 +17,12 @@ def test_import_closure():
     assert "models/audio_flamingo3.py" in _names("generate", "audio_flamingo3")
     assert "stages/filter.py" in _names("metrics")  # metrics decides success with filter.decide
     assert "selectors.py" in _names("report")
+    # the grouped jobs: evaluate runs its groups with this model's adapter only; the judge's closure holds no
+    # model code at all (editing an adapter never re-runs judge_eval)
+    ev = _names("evaluate", "qwen2_5_omni")
+    assert {"group.py", "models/qwen_omni.py"} <= ev and "models/audio_flamingo3.py" not in ev
+    jd = _names("judge")
+    assert "group.py" in jd and "stages/evaluate.py" not in jd and not any(n.startswith("models/") for n in jd)
 
 
 def test_code_version_is_stable_and_adapter_specific():

@@ -147,9 +147,10 @@ def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin
     res = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    assert "masks/cas_signed-r0.5.safetensors" in out
-    assert "masks/random-cas_signed-r0.5-s1.safetensors" in out  # its matched controls
-    assert "eval/cas_signed-r0.5-deactivate/" in out
+    # masks live in the folder of their identification setting (`c<c>-filtered` / `c<c>-unfiltered`)
+    assert re.search(r"masks/c\d+-(un)?filtered/cas_signed-r0\.5\.safetensors", out)
+    assert re.search(r"masks/c\d+-(un)?filtered/random-cas_signed-r0\.5-s1\.safetensors", out)  # its controls
+    assert re.search(r'"condition": "c\d+-(un)?filtered-cas_signed-r0\.5-deactivate"', out)  # a grouped condition
     assert re.search(r"cache/stage1/ser-toy_plugin-[0-9a-f]+/", out)
     prep = re.search(r"emotion_neurons\.stages\.prepare --params '(\{.*?\})'", out)
     assert json.loads(prep.group(1))["max_audio_seconds"] == 12.0  # from the declaration

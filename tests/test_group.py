@@ -18,7 +18,7 @@ import pytest
 import test_evaluate as te
 from toy import ToyAdapter
 
-from emotion_neurons import conditions, group
+from emotion_neurons import conditions
 from emotion_neurons.io import read_table
 from emotion_neurons.selectors import save_mask
 from emotion_neurons.stages import evaluate, judge
@@ -73,7 +73,7 @@ def _setup(tmp_path, task):
 
 def _group(tmp_path, task, conds, manifest, masks, out):
     p = {"common": {**COMMON, "task": task}, "conditions": conds}
-    return group.evaluate_group(p, manifest, masks, 0, 1, 2, str(tmp_path / "cache"), str(tmp_path / out))
+    return evaluate.evaluate_group(p, manifest, masks, 0, 1, 2, str(tmp_path / "cache"), str(tmp_path / out))
 
 
 def test_one_load_per_group_and_only_new_conditions_computed(tmp_path, loads):
@@ -131,10 +131,10 @@ def test_judge_group_caches_and_matches_the_per_condition_judge(tmp_path, loads)
     _group(tmp_path, "ser", [BASE, STEER], manifest, masks, "g")
     common = {"task": "ser", "judges": {}, "labels": te.EMOTIONS, "code": "test"}
     conds = [{k: v for k, v in c.items() if k != "mask"} for c in (BASE, STEER)]
-    n = group.judge_group({"common": common, "conditions": conds}, str(tmp_path / "g"), str(tmp_path / "jc"),
+    n = judge.judge_group({"common": common, "conditions": conds}, str(tmp_path / "g"), str(tmp_path / "jc"),
                           str(tmp_path / "j1"))
     assert (n["computed"], n["cached"]) == (2, 0)
-    n = group.judge_group({"common": common, "conditions": conds}, str(tmp_path / "g"), str(tmp_path / "jc"),
+    n = judge.judge_group({"common": common, "conditions": conds}, str(tmp_path / "g"), str(tmp_path / "jc"),
                           str(tmp_path / "j2"))
     assert (n["computed"], n["cached"]) == (0, 2)
     for c in conds:

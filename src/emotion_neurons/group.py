@@ -1,4 +1,5 @@
-"""Grouped evaluation: one process evaluates (or judges) every condition of one group on one shard.
+"""Grouped evaluation, shared by `stages.evaluate group` and `stages.judge group`: one process evaluates (or
+judges) every condition of one group on one shard.
 
 Why: loading the model (and importing torch) once per condition cost more than the evaluation itself at paper
 scale (issue 8), and one job per condition made the DAG slow to build. A group is a stable function of the
@@ -17,9 +18,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
-
-from .config import dumps, load_params, short_hash
-from .io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,89 +60,8 @@ def check_unique(conds: list[dict[str, Any]], where: str) -> None:
         raise ValueError(f"{where}: condition(s) {dup} listed twice")
 
 
-def evaluate_group(
-    p: dict[str, Any], manifest: str, run_dir: str, shard: int, n_shards: int, batch_size: int | None,
-    cache: str, out: str,
-) -> dict[str, int]:
-    """Evaluate `p["conditions"]` (each with the parameters `p["common"]`) into `out/<condition>/`; mask paths
-    (and, for interventions that need M, the aggregate `<source_task>/aggregate/<ident>.zarr`) are relative to
-    `run_dir`."""
-    from .interventions import INTERVENTIONS
-    from .stages import evaluate
-
-    conds = p["conditions"]
-    check_unique(conds, "evaluate group params")
-    manifest_sha = file_sha(manifest)
-    adapter = None
-    n = {"conditions": len(conds), "cached": 0, "computed": 0, "model_loads": 0}
-    with atomic_dir(out) as tmp:
-        for cond in conds:
-            cp = {**p["common"], "condition": cond}
-            mask = f"{run_dir}/{cond['mask']}.safetensors" if cond.get("mask") else ""
-            agg = ""
-            if INTERVENTIONS[cond["intervention"]].needs_means:
-                agg = f"{run_dir}/{cond['source_task']}/aggregate/{cond['ident']}.zarr"
-            if mask and not Path(mask).exists():
-                raise FileNotFoundError(f"condition {cond['condition']!r}: its mask {mask} does not exist")
-            key = short_hash(
-                {"params": cp, "mask": file_sha(mask) if mask else "", "manifest": manifest_sha, "shard": shard,
-                 "n_shards": n_shards, "batch_size": batch_size}, 32,
-            )
-            hit = Path(cache) / key
-            if hit.is_dir():
-                n["cached"] += 1
-                log.info("condition %s: from the cache (%s)", cond["condition"], hit)
-            else:
-                if adapter is None:  # loaded only when a condition needs it: an all-cached rerun loads nothing
-                    adapter = evaluate.load_adapter(cp["model"])
-                    n["model_loads"] += 1
-                argv = ["--params", dumps(cp), "--manifest", manifest, "--shard", str(shard),
-                        "--n-shards", str(n_shards), "--out", str(hit)]
-                if mask:
-                    argv += ["--mask", mask]
-                if agg:
-                    argv += ["--aggregate", agg]
-                if batch_size is not None:
-                    argv += ["--batch-size", str(batch_size)]
-                log.info("condition %s: evaluating", cond["condition"])
-                evaluate.main(argv, adapter=adapter)
-                n["computed"] += 1
-            link_tree(hit, tmp / cond["condition"])
-    log.info("group done: %s", n)
-    return n
-
-
-def judge_group(p: dict[str, Any], evaluated: str, cache: str, out: str) -> dict[str, int]:
-    """Judge `evaluated/<condition>/outputs.tsv` of every condition into `out/<condition>.tsv`."""
-    from .stages import judge
-
-    conds = p["conditions"]
-    check_unique(conds, "judge group params")
-    evc = None
-    n = {"conditions": len(conds), "cached": 0, "computed": 0, "judge_loads": 0}
-    with atomic_dir(out) as tmp:
-        for cond in conds:
-            cp = {**p["common"], "condition": cond}
-            src = Path(evaluated) / cond["condition"]
-            if not (src / "outputs.tsv").exists():
-                raise FileNotFoundError(f"condition {cond['condition']!r}: {src}/outputs.tsv does not exist")
-            hit = Path(cache) / f"{short_hash({'params': cp, 'evaluated': tree_sha(src)}, 32)}.tsv"
-            if hit.is_file():
-                n["cached"] += 1
-            else:
-                if cp["task"] == "evc" and evc is None:
-                    evc = judge.EvcJudge(cp["judges"], cp["labels"])
-                    n["judge_loads"] += 1
-                judge.main(["--params", dumps(cp), "--outputs", str(src / "outputs.tsv"), "--out", str(hit)], evc=evc)
-                n["computed"] += 1
-            link_tree(hit, tmp / f"{cond['condition']}.tsv")
-    log.info("group done: %s", n)
-    return n
-
-
-def cli(what: str, argv: list[str] | None = None) -> int:
-    """`python -m emotion_neurons.stages.evaluate group ...` / `... stages.judge group ...`: one group of
-    conditions on one shard, one model (or judge) load for all of them."""
+def parse_group_args(what: str, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments of `python -m emotion_neurons.stages.<what> group ...` (one group on one shard)."""
     ap = argparse.ArgumentParser(
         prog=f"python -m emotion_neurons.stages.{what} group",
         description=f"Stage 4: {what} a group of conditions on one shard (one model load for all of them)",
@@ -162,9 +79,4 @@ def cli(what: str, argv: list[str] | None = None) -> int:
         ap.add_argument("--evaluated", required=True, help="output of the group's evaluate job")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = load_params(a.params)
-    if what == "evaluate":
-        evaluate_group(p, a.manifest, a.run_dir, a.shard, a.n_shards, a.batch_size, a.cache, a.out)
-    else:
-        judge_group(p, a.evaluated, a.cache, a.out)
-    return 0
+    return a

@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None, adapter=None) -> int:
     a group of conditions)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["group"]:  # the rule's entry point: a group of conditions, one model load
-        from ..group import cli
+        from ..group import parse_group_args
 
-        return cli("evaluate", argv[1:])
+        a = parse_group_args("evaluate", argv[1:])
+        evaluate_group(load_params(a.params), a.manifest, a.run_dir, a.shard, a.n_shards, a.batch_size, a.cache, a.out)
+        return 0
     ap = argparse.ArgumentParser(description="Stage 4b: generate held-out outputs under an intervention")
     ap.add_argument("--params", required=True)
     ap.add_argument("--manifest", required=True)
@@ -215,6 +217,59 @@ def injected(adapter, instances, settings, tmp: Path, masks, emotions: list[str]
     df["mask_emotion"] = ""  # no fixed mask emotion: rows are compared with the baseline (WA, UAR)
     log.info("%s: first-pass predictions %s", spec.kind, audit["first_pred"].value_counts().to_dict())
     return df
+
+
+def evaluate_group(
+    p: dict[str, Any], manifest: str, run_dir: str, shard: int, n_shards: int, batch_size: int | None,
+    cache: str, out: str,
+) -> dict[str, int]:
+    """Evaluate `p["conditions"]` (each with the parameters `p["common"]`) into `out/<condition>/`; mask paths
+    (and, for interventions that need M, the aggregate `<source_task>/aggregate/<ident>.zarr`) are relative to
+    `run_dir`."""
+    from ..config import dumps, short_hash
+    from ..group import check_unique, file_sha, link_tree
+    from ..interventions import INTERVENTIONS
+
+    conds = p["conditions"]
+    check_unique(conds, "evaluate group params")
+    manifest_sha = file_sha(manifest)
+    adapter = None
+    n = {"conditions": len(conds), "cached": 0, "computed": 0, "model_loads": 0}
+    with atomic_dir(out) as tmp:
+        for cond in conds:
+            cp = {**p["common"], "condition": cond}
+            mask = f"{run_dir}/{cond['mask']}.safetensors" if cond.get("mask") else ""
+            agg = ""
+            if INTERVENTIONS[cond["intervention"]].needs_means:
+                agg = f"{run_dir}/{cond['source_task']}/aggregate/{cond['ident']}.zarr"
+            if mask and not Path(mask).exists():
+                raise FileNotFoundError(f"condition {cond['condition']!r}: its mask {mask} does not exist")
+            key = short_hash(
+                {"params": cp, "mask": file_sha(mask) if mask else "", "manifest": manifest_sha, "shard": shard,
+                 "n_shards": n_shards, "batch_size": batch_size}, 32,
+            )
+            hit = Path(cache) / key
+            if hit.is_dir():
+                n["cached"] += 1
+                log.info("condition %s: from the cache (%s)", cond["condition"], hit)
+            else:
+                if adapter is None:  # loaded only when a condition needs it: an all-cached rerun loads nothing
+                    adapter = load_adapter(cp["model"])
+                    n["model_loads"] += 1
+                argv = ["--params", dumps(cp), "--manifest", manifest, "--shard", str(shard),
+                        "--n-shards", str(n_shards), "--out", str(hit)]
+                if mask:
+                    argv += ["--mask", mask]
+                if agg:
+                    argv += ["--aggregate", agg]
+                if batch_size is not None:
+                    argv += ["--batch-size", str(batch_size)]
+                log.info("condition %s: evaluating", cond["condition"])
+                main(argv, adapter=adapter)
+                n["computed"] += 1
+            link_tree(hit, tmp / cond["condition"])
+    log.info("group done: %s", n)
+    return n
 
 
 if __name__ == "__main__":

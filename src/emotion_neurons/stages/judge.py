@@ -186,9 +186,12 @@ def judge_table(
 def main(argv: list[str] | None = None, evc: EvcJudge | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["group"]:  # the rule's entry point: a group of conditions, one model load
-        from ..group import cli
+        from ..config import load_params
+        from ..group import parse_group_args
 
-        return cli("judge", argv[1:])
+        a = parse_group_args("judge", argv[1:])
+        judge_group(load_params(a.params), a.evaluated, a.cache, a.out)
+        return 0
     ap = argparse.ArgumentParser(description="Stage 2: judge generated outputs")
     ap.add_argument("--params", required=True)
     ap.add_argument("--outputs", required=True, help="outputs.tsv of a shard")
@@ -204,6 +207,36 @@ def main(argv: list[str] | None = None, evc: EvcJudge | None = None) -> int:
     write_table(a.out, df)
     log.info("judged %d outputs", len(df))
     return 0
+
+
+def judge_group(p: dict[str, Any], evaluated: str, cache: str, out: str) -> dict[str, int]:
+    """Judge `evaluated/<condition>/outputs.tsv` of every condition into `out/<condition>.tsv`."""
+    from ..config import dumps, short_hash
+    from ..group import check_unique, link_tree, tree_sha
+    from ..io import atomic_dir
+
+    conds = p["conditions"]
+    check_unique(conds, "judge group params")
+    evc = None
+    n = {"conditions": len(conds), "cached": 0, "computed": 0, "judge_loads": 0}
+    with atomic_dir(out) as tmp:
+        for cond in conds:
+            cp = {**p["common"], "condition": cond}
+            src = Path(evaluated) / cond["condition"]
+            if not (src / "outputs.tsv").exists():
+                raise FileNotFoundError(f"condition {cond['condition']!r}: {src}/outputs.tsv does not exist")
+            hit = Path(cache) / f"{short_hash({'params': cp, 'evaluated': tree_sha(src)}, 32)}.tsv"
+            if hit.is_file():
+                n["cached"] += 1
+            else:
+                if cp["task"] == "evc" and evc is None:
+                    evc = EvcJudge(cp["judges"], cp["labels"])
+                    n["judge_loads"] += 1
+                main(["--params", dumps(cp), "--outputs", str(src / "outputs.tsv"), "--out", str(hit)], evc=evc)
+                n["computed"] += 1
+            link_tree(hit, tmp / f"{cond['condition']}.tsv")
+    log.info("group done: %s", n)
+    return n
 
 
 if __name__ == "__main__":
