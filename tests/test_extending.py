@@ -150,7 +150,7 @@ def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin
     # masks live in the folder of their identification setting (`c<c>-filtered` / `c<c>-unfiltered`)
     assert re.search(r"masks/c\d+-(un)?filtered/cas_signed-r0\.5\.safetensors", out)
     assert re.search(r"masks/c\d+-(un)?filtered/random-cas_signed-r0\.5-s1\.safetensors", out)  # its controls
-    assert re.search(r'"condition": "c\d+-(un)?filtered-cas_signed-r0\.5-deactivate"', out)  # a grouped condition
+    assert re.search(r'"condition":"c\d+-(un)?filtered-cas_signed-r0\.5-deactivate"', out)  # a grouped condition
     assert re.search(r"cache/stage1/ser-toy_plugin-[0-9a-f]+/", out)
     prep = re.search(r"emotion_neurons\.stages\.prepare --params '(\{.*?\})'", out)
     assert json.loads(prep.group(1))["max_audio_seconds"] == 12.0  # from the declaration
