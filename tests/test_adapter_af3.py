@@ -117,6 +117,15 @@ def test_span_codes(adapter):
         audio_pos = torch.nonzero(row == 0).flatten()
         assert int(audio_pos[-1] - audio_pos[0]) + 1 == n_audio  # one contiguous run
     assert int((codes[:, -1] == 1).sum()) == len(INSTANCES)  # prompts end with text ("assistant\n")
+    # positions before the first audio token are the `prefix` span (identical for every row), none after it
+    prefix = SPANS.index("prefix")
+    for b in range(len(INSTANCES)):
+        first_audio = int(torch.nonzero(ids[b] == adapter.audio_token_id)[0])
+        pos = torch.arange(codes.shape[1])
+        valid = att[b].bool()
+        assert (codes[b][(pos < first_audio) & valid] == prefix).all()
+        assert ((pos < first_audio) & valid).any()
+        assert not (codes[b][pos > first_audio] == prefix).any()
 
 
 def test_prompt_follows_processor_chat_template(adapter):

@@ -128,6 +128,19 @@ def test_prepare_span_codes(adapter, batch):
     assert n_pad.min() == 0 and n_pad.max() > 0
     for row, n in zip(codes, n_pad.tolist(), strict=True):  # padding is on the left only
         assert (row[:n] == -1).all() and (row[n:] >= 0).all()
+    # positions before the first audio token (system prompt, chat template) are the `prefix` span, identical
+    # in every row; everything after the audio is `text`
+    from emotion_neurons import SPANS
+
+    prefixes = []
+    for row, row_ids, row_mask in zip(codes, ids, mask, strict=True):
+        first_audio = int(torch.nonzero(row_ids == adapter.audio_token_id)[0])
+        pos = torch.arange(len(row))
+        assert (row[(pos < first_audio) & row_mask.bool()] == SPANS.index("prefix")).all()
+        assert not (row[pos > first_audio] == SPANS.index("prefix")).any()
+        assert (row[(pos > first_audio) & (row_ids != adapter.audio_token_id)] == SPANS.index("text")).all()
+        prefixes.append(adapter.tokenizer.decode(row_ids[(pos < first_audio) & row_mask.bool()]))
+    assert len(set(prefixes)) == 1 and prefixes[0].endswith("<|im_start|>user\n<|audio_bos|>")
     text = adapter.tokenizer.decode(ids[1][mask[1].bool()])
     assert text.startswith("<|im_start|>system\nYou are Qwen, a virtual human developed by the Qwen Team")
     assert "<|im_start|>user\n<|audio_bos|><|AUDIO|>" in text

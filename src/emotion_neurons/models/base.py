@@ -33,7 +33,7 @@ class Prepared:
     """Model inputs for one batch plus the span code of every prompt position.
 
     `span_codes` is [B, T] int64 on the model's input device: index into `emotion_neurons.SPANS`
-    (0 audio, 1 text) for real positions, -1 for padding.
+    (0 audio, 1 text, 3 prefix) for real positions, -1 for padding.
     """
 
     inputs: dict[str, Any]
@@ -175,10 +175,19 @@ class ModelAdapter(ABC):
     def span_codes_from_ids(
         input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_ids: list[int]
     ) -> torch.Tensor:
-        """0 for audio placeholder positions, 1 for other prompt positions, -1 for padding."""
+        """Audio placeholder positions -> `audio`, positions before a row's first audio token -> `prefix`, other
+        prompt positions -> `text`, padding -> -1 (codes index `emotion_neurons.SPANS`).
+
+        A row without audio tokens has no prefix (all its prompt positions are `text`)."""
+        from .. import SPANS
+
         is_audio = torch.isin(input_ids, torch.tensor(audio_token_ids, device=input_ids.device))
-        codes = torch.where(is_audio, 0, 1)
-        return torch.where(attention_mask.bool(), codes, -1).long()
+        valid = attention_mask.bool()
+        before_audio = (torch.cumsum(is_audio.long(), dim=1) == 0) & is_audio.any(dim=1, keepdim=True)
+        codes = torch.full_like(input_ids, SPANS.index("text"), dtype=torch.long)
+        codes = torch.where(before_audio, SPANS.index("prefix"), codes)
+        codes = torch.where(is_audio, SPANS.index("audio"), codes)
+        return torch.where(valid, codes, -1).long()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -8,8 +8,10 @@ seconds, without the licensed ESD download. The files follow ESD exactly, so the
 
 ESD numbers each emotion in blocks of 350 (Neutral 000001.., Angry 000351.., Happy 000701..,
 Sad 001051.., Surprise 001401..) and its sentences are parallel: sentence k has the same text in every
-emotion. Emotions are acted by per-emotion prosody (pitch, speed, loudness, word gap); speakers differ by
-espeak-ng voice variant and base pitch. Everything is deterministic (espeak-ng is).
+emotion. Speakers differ by
+espeak-ng voice variant, base pitch and base rate. Emotions are acted relative to the speaker with per-word
+SSML prosody (contour, rate, energy dynamics, pitch range; `_contour`), jittered per utterance with a seed
+taken from the utterance id (docs/miniature.md says why). Everything is deterministic (espeak-ng is).
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,36 +58,74 @@ SENTENCES: tuple[str, ...] = (
 them across the corpus voices and emotions (mean WER 0.00-0.05 for the first ten), so WER means something."""
 
 
-@dataclass(frozen=True)
-class _Prosody:
-    pitch: int  # offset to the speaker's base pitch (espeak-ng -p, 0..99)
-    speed: int  # words per minute (-s)
-    amplitude: int  # 0..200 (-a)
-    gap: int  # extra pause between words, 10 ms units (-g)
+RECIPE_VERSION = 2
+"""Bumped whenever the acting below changes (part of the miniature's cache key)."""
+
+#: Base amplitude (espeak-ng -a) under the SSML volume changes: +80 % on a stressed word stays unclipped.
+_BASE_AMPLITUDE = 60
 
 
-# Acted emotion by prosody only: angry loud and fast, happy high and lively, sad slow, low and quiet,
-# surprise highest pitch, neutral the reference. Amplitudes keep espeak-ng's int16 output unclipped.
-_EMOTION_PROSODY: dict[str, _Prosody] = {
-    "Neutral": _Prosody(pitch=0, speed=165, amplitude=75, gap=0),
-    "Angry": _Prosody(pitch=8, speed=195, amplitude=112, gap=0),
-    "Happy": _Prosody(pitch=22, speed=190, amplitude=95, gap=0),
-    "Sad": _Prosody(pitch=-22, speed=115, amplitude=45, gap=3),
-    "Surprise": _Prosody(pitch=35, speed=175, amplitude=100, gap=1),
-}
+def _contour(emotion: str, n_words: int, rng: np.random.Generator) -> tuple[list[tuple[float, float]], float, float]:
+    """Per-word (pitch %, volume %) relative to the speaker's own base, plus rate % and pitch range %.
 
-# (voice, base pitch) per speaker slot; speakers map onto slots by their ESD number.
-_SPEAKER_VOICES: tuple[tuple[str, int], ...] = (
-    ("en-us+m3", 40),
-    ("en-us+f2", 55),
-    ("en+m1", 35),
-    ("en-us+f4", 60),
-    ("en+m5", 45),
-    ("en-gb+f3", 50),
-    ("en-us+m7", 38),
-    ("en+f5", 58),
-    ("en-us+m2", 42),
-    ("en-gb+f1", 52),
+    Why these cues: they survive a change of speaker. Pitch and rate are relative to each voice's base (which
+    differs across speakers, so absolute pitch is confounded with the speaker); the shape of the contour and
+    of the energy over the utterance carries the emotion. Every parameter is jittered per utterance.
+    """
+    u = np.linspace(0.0, 1.0, n_words) if n_words > 1 else np.zeros(1)
+    j = lambda s: float(rng.normal(0.0, s))  # noqa: E731
+    shift, vol0 = j(6.0), j(8.0)
+    if emotion == "Neutral":  # flat contour, normal rate, even energy
+        pitch, vol, rate, rng_ = 0.0 * u, 0.0 * u, 100.0, 100.0
+    elif emotion == "Angry":  # fast, loud, narrow range, falling, alternating stressed words
+        pitch = 15.0 - 25.0 * u
+        vol = 45.0 + 30.0 * (np.arange(n_words) % 2 == 0)
+        rate, rng_ = 135.0, 60.0
+    elif emotion == "Happy":  # slightly fast, wide range, bouncing contour, rising energy
+        pitch = 25.0 + 22.0 * np.where(np.arange(n_words) % 2 == 0, 1.0, -1.0)
+        vol = 10.0 + 25.0 * u
+        rate, rng_ = 115.0, 170.0
+    elif emotion == "Sad":  # slow, quiet, low, falling, decaying energy (pauses added by the caller)
+        pitch = -15.0 - 25.0 * u
+        vol = -35.0 - 25.0 * u
+        rate, rng_ = 65.0, 50.0
+    elif emotion == "Surprise":  # normal start, steep rise over the last words, louder end
+        pitch = 5.0 + 110.0 * np.clip((u - 0.45) / 0.55, 0.0, 1.0) ** 2
+        vol = 5.0 + 40.0 * np.clip((u - 0.45) / 0.55, 0.0, 1.0)
+        rate, rng_ = 100.0, 150.0
+    else:
+        raise ValueError(f"unknown ESD emotion {emotion!r}; expected one of {ESD_EMOTIONS}")
+    words = [
+        (float(np.clip(p + shift + j(4.0), -60.0, 150.0)), float(np.clip(v + vol0, -70.0, 80.0)))
+        for p, v in zip(pitch, vol, strict=True)
+    ]
+    return words, rate * (1.0 + j(0.07)), max(20.0, rng_ * (1.0 + j(0.1)))
+
+
+def acted_ssml(text: str, emotion: str, rng: np.random.Generator) -> str:
+    """SSML that acts ``emotion`` on ``text`` with per-word prosody (see `_contour`)."""
+    words = text.split()
+    per_word, rate, prange = _contour(emotion, len(words), rng)
+    gap = f' <break time="{int(max(0.0, rng.normal(140.0, 30.0)))}ms"/> ' if emotion == "Sad" else " "
+    body = gap.join(
+        f'<prosody pitch="{p:+.0f}%" volume="{v:+.0f}%">{w}</prosody>' for w, (p, v) in zip(words, per_word, strict=True)
+    )
+    return f'<speak><prosody rate="{rate:.0f}%" range="{prange:.0f}%">{body}</prosody></speak>'
+
+
+# (voice, base pitch, base rate in words per minute) per speaker slot; speakers map onto slots by their ESD
+# number. Base pitch and rate differ by voice, so only pitch and rate relative to the voice carry emotion.
+_SPEAKER_VOICES: tuple[tuple[str, int, int], ...] = (
+    ("en-us+m3", 40, 160),
+    ("en-us+f2", 55, 172),
+    ("en+m1", 35, 150),
+    ("en-us+f4", 60, 165),
+    ("en+m5", 45, 178),
+    ("en-gb+f3", 50, 155),
+    ("en-us+m7", 38, 170),
+    ("en+f5", 58, 158),
+    ("en-us+m2", 42, 175),
+    ("en-gb+f1", 52, 162),
 )
 
 
@@ -99,7 +138,7 @@ def esd_index(emotion: str, k: int) -> int:
     return ESD_EMOTIONS.index(emotion) * ESD_BLOCK + k + 1
 
 
-def _voice_for(speaker: str) -> tuple[str, int]:
+def _voice_for(speaker: str) -> tuple[str, int, int]:
     try:
         slot = int(speaker)
     except ValueError:
@@ -124,8 +163,9 @@ def synthesize(
     amplitude: int = 100,
     gap: int = 0,
     sample_rate: int = 16000,
+    ssml: bool = False,
 ) -> np.ndarray:
-    """Speak ``text`` with espeak-ng and return float32 mono audio at ``sample_rate``."""
+    """Speak ``text`` (SSML markup with ``ssml``) with espeak-ng; float32 mono audio at ``sample_rate``."""
     from emotion_neurons.io import resample
 
     exe = _espeak()
@@ -143,6 +183,7 @@ def synthesize(
             str(int(np.clip(amplitude, 0, 200))),
             "-g",
             str(gap),
+            *(["-m"] if ssml else []),
             "-w",
             str(path),
             text,
@@ -150,10 +191,17 @@ def synthesize(
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not path.exists():
             raise RuntimeError(f"espeak-ng failed ({proc.returncode}): {proc.stderr.strip()}")
+        sox = shutil.which("sox")
+        if sox is not None:  # sox's resampler is ~20x faster than polyphase 22050 -> 16000 in scipy
+            resampled = Path(tmp) / "resampled.wav"
+            proc = subprocess.run([sox, str(path), "-r", str(sample_rate), str(resampled)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"sox failed ({proc.returncode}): {proc.stderr.strip()}")
+            path = resampled
         wav, sr = sf.read(path, dtype="float32", always_2d=False)
     if wav.ndim > 1:
         wav = wav.mean(axis=1)
-    return resample(wav, sr, sample_rate)
+    return wav if sr == sample_rate else resample(wav, sr, sample_rate)
 
 
 def build(
@@ -176,26 +224,22 @@ def build(
     for e in emotions:
         esd_index(e, 0)  # validates the name
 
-    jobs: list[tuple[Path, str, str, int, str, int]] = []
     for spk in speakers:
-        voice, base_pitch = _voice_for(spk)
+        voice, base_pitch, base_rate = _voice_for(spk)
         lines = []
         for e in sorted(emotions, key=ESD_EMOTIONS.index):
             (out_dir / spk / e).mkdir(parents=True, exist_ok=True)
             for k in range(n_sentences):
                 utt = f"{spk}_{esd_index(e, k):06d}"
                 lines.append(f"{utt}\t{SENTENCES[k]}\t{e}\n")
-                jobs.append((out_dir / spk / e / f"{utt}.wav", SENTENCES[k], e, k, voice, base_pitch))
+                # per-utterance variation, seeded by the utterance id (independent of build order)
+                rng = np.random.default_rng(zlib.crc32(f"{RECIPE_VERSION}:{utt}".encode()))
+                wav = synthesize(
+                    acted_ssml(SENTENCES[k], e, rng), voice, base_pitch, base_rate, _BASE_AMPLITUDE,
+                    sample_rate=sample_rate, ssml=True,
+                )
+                sf.write(out_dir / spk / e / f"{utt}.wav", np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
         (out_dir / spk / f"{spk}.txt").write_text("".join(lines), encoding="utf-8")
-
-    def _one(job: tuple[Path, str, str, int, str, int]) -> None:
-        path, text, emotion, _, voice, base_pitch = job
-        p = _EMOTION_PROSODY[emotion]
-        wav = synthesize(text, voice, base_pitch + p.pitch, p.speed, p.amplitude, p.gap, sample_rate)
-        sf.write(path, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(_one, jobs))
     return out_dir
 
 
