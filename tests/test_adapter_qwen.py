@@ -249,3 +249,35 @@ def test_checkpoint_without_speakers_is_text_only(adapter, tiny_dir, tmp_path, b
     )
     with pytest.raises(RuntimeError, match="cannot generate speech"):
         a.generate(prep, GenerationSettings(max_new_tokens=4, want_audio=True))
+
+
+def test_ser_option_probabilities_from_the_first_step(adapter, batch):
+    """SER outputs carry each option's first-step probability (number and word tokens), renormalised over the
+    options; checked against a hand computation on the thinker's own prefill logits."""
+    _, audios = batch
+    opts = ["sad", "happy", "neutral"]
+    inst = Instance(id="s0", task="ser", wav="", speaker="0011", emotion="sad", split="eval",
+                    prompt="Which emotion? 1. sad 2. happy 3. neutral", options=opts)
+    prep = adapter.prepare([inst], audios[:1])
+    (out,) = adapter.generate(prep, GenerationSettings(max_new_tokens=2))
+    assert set(out.option_probs) == set(opts)
+    assert abs(sum(out.option_probs.values()) - 1.0) < 1e-5
+    with torch.no_grad():
+        logits = adapter.model.thinker(**prep.inputs, use_cache=False).logits[0, -1]
+    p = torch.softmax(logits, -1)
+    tok = adapter.tokenizer
+    first = lambda s: tok.encode(s, add_special_tokens=False)[0]  # noqa: E731
+    ids = {
+        "sad": {first(f) for f in ("1", " 1", "one", " one", "sad", " sad", "sadness", " sadness")},
+        "happy": {first(f) for f in ("2", " 2", "two", " two", "happy", " happy", "happiness", " happiness",
+                                     "joy", " joy")},
+        "neutral": {first(f) for f in ("3", " 3", "three", " three", "neutral", " neutral")},
+    }
+    ids["happy"] -= ids["sad"]
+    ids["neutral"] -= ids["sad"] | ids["happy"]
+    mass = {o: float(p[sorted(v)].sum()) for o, v in ids.items()}
+    for o in opts:
+        assert out.option_probs[o] == pytest.approx(mass[o] / sum(mass.values()), rel=1e-4)
+    # EVC (speech) outputs do not carry them
+    (evc,) = adapter.generate(adapter.prepare(batch[0][:1], audios[:1]), GenerationSettings(max_new_tokens=2))
+    assert evc.option_probs is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -27,7 +28,7 @@ from .types import GenerationSettings, Instance
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds")
+OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds", "option_probs")
 
 
 def load_shard(manifest: str | Path, split: str, shard: int, n_shards: int, limit: int | None = None) -> list[Instance]:
@@ -150,6 +151,8 @@ def run(
                             "output_sr": out.sample_rate,
                             "n_generated": out.n_generated,
                             "seconds": round(dt, 4),
+                            # SER: first-step probability per option (JSON), "" when not recorded
+                            "option_probs": json.dumps(out.option_probs, sort_keys=True) if out.option_probs else "",
                         }
                     )
         if writer is not None:

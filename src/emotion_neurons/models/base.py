@@ -172,6 +172,32 @@ class ModelAdapter(ABC):
         return out
 
     @staticmethod
+    def option_probabilities(tokenizer: Any, logits: torch.Tensor, options: list[str]) -> dict[str, float]:
+        """Per option, the first-step probability of answering it, renormalised over the options.
+
+        Why: the gold-answer probability is less coarse than accuracy on small test sets (METHOD.md 3.5). An
+        option is answered by its number (`1`, `one`, as the parser reads it) or by one of its emotion words
+        (`prompts.SYNONYMS`); its mass is the softmax probability of the first tokens of those forms (with and
+        without a leading space), each token counted once."""
+        from ..prompts import NUMBER_WORDS, SYNONYMS
+
+        probs = torch.softmax(logits.detach().float().reshape(-1), dim=-1)
+        seen: set[int] = set()
+        mass: dict[str, float] = {}
+        for k, opt in enumerate(options, 1):
+            forms = [str(k), NUMBER_WORDS[k - 1] if k <= len(NUMBER_WORDS) else str(k), *SYNONYMS.get(opt, (opt,))]
+            ids: set[int] = set()
+            for f in forms:
+                for text in (f, " " + f):
+                    tok = tokenizer.encode(text, add_special_tokens=False)
+                    if tok and tok[0] not in seen:
+                        ids.add(int(tok[0]))
+            seen |= ids
+            mass[opt] = float(probs[sorted(ids)].sum()) if ids else 0.0
+        total = sum(mass.values())
+        return {o: (m / total if total > 0 else float("nan")) for o, m in mass.items()}
+
+    @staticmethod
     def span_codes_from_ids(
         input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_ids: list[int]
     ) -> torch.Tensor:
