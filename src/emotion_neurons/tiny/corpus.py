@@ -194,7 +194,8 @@ def synthesize(
         sox = shutil.which("sox")
         if sox is not None:  # sox's resampler is ~20x faster than polyphase 22050 -> 16000 in scipy
             resampled = Path(tmp) / "resampled.wav"
-            proc = subprocess.run([sox, str(path), "-r", str(sample_rate), str(resampled)], capture_output=True, text=True)
+            # -D: no dither, so the output is deterministic
+            proc = subprocess.run([sox, "-D", str(path), "-r", str(sample_rate), str(resampled)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"sox failed ({proc.returncode}): {proc.stderr.strip()}")
             path = resampled
