@@ -47,8 +47,8 @@ class Recipe:
     audio_layers: int = 2
     audio_d_model: int = 64
     init_range: float = 0.02
-    epochs: int = 5
-    lr: float = 3e-3
+    epochs: int = 10
+    lr: float = 5e-3
     weight_decay: float = 0.01
     batch: int = 8
     option_seed: int = 0

@@ -53,7 +53,7 @@ def gold_prob(df: pd.DataFrame) -> np.ndarray:
 
 
 def run_seed(model_dir: Path, cfg: dict[str, Any], work: Path, *, per_emotion: int, r: float,
-             selectors: tuple[str, ...], random_seeds: int, batch_size: int = 8) -> pd.DataFrame:
+             selectors: tuple[str, ...], random_seeds: int, batch_size: int = 16) -> pd.DataFrame:
     """All evaluation rows of one miniature: baseline and every (selector or control, mask emotion) deactivation.
 
     Columns: id, speaker, emotion (gold), correct, gold_prob, mask (`baseline`, selector, or `random:<sel>:<k>`),
