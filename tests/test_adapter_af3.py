@@ -226,3 +226,20 @@ def test_stop_token_mid_batch_ends_counting(adapter):
     for b, o in enumerate(outs):
         n_counted = o.n_generated if extra in gen[b] else min(o.n_generated, SETTINGS.max_new_tokens - 1)
         assert stats["tokens"][b, SPANS.index("generated")] == n_counted
+
+
+def test_ser_option_probabilities(adapter):
+    """SER outputs carry first-step option probabilities that match the model's own prefill logits."""
+    inst = Instance(id="o0", task="ser", wav="", speaker="s", emotion="sad", split="eval",
+                    prompt="Which emotion? 1. sad 2. angry", options=["sad", "angry"])
+    prepared = adapter.prepare([inst], AUDIOS[:1])
+    (out,) = adapter.generate(prepared, GenerationSettings(max_new_tokens=2))
+    assert set(out.option_probs) == {"sad", "angry"}
+    with torch.no_grad():
+        logits = adapter.model(**prepared.inputs).logits[0, -1]
+    expected = adapter.option_probabilities(adapter.tokenizer, logits, ["sad", "angry"])
+    for k, v in expected.items():
+        assert out.option_probs[k] == pytest.approx(v, rel=1e-4)
+    assert abs(sum(out.option_probs.values()) - 1.0) < 1e-5
+    (plain,) = adapter.generate(adapter.prepare(INSTANCES[:1], AUDIOS[:1]), GenerationSettings(max_new_tokens=2))
+    assert plain.option_probs is None  # no options, nothing recorded
