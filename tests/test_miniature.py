@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from emotion_neurons.filter import TooFewSuccesses
 from emotion_neurons.tiny import corpus, target
 from emotion_neurons.types import Instance
 
@@ -150,6 +151,14 @@ def test_miniatures_answer_ser_on_unseen_voices(built):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=TooFewSuccesses,
+    reason="null result (docs/miniature.md section 6): every miniature never answers at least one emotion on the "
+    "identification voices (seed 0: neutral, happy, surprise; seed 1: surprise; seed 2: neutral have 0 SER "
+    "successes), so stage 2 with the filter on cannot keep instances for them and the declared target cannot be "
+    "evaluated. Strict: when a better miniature makes this pass, remove the mark.",
+)
 def test_declared_demo_target(built, demo_cfg, tmp_path_factory):
     """The target declared in config/demo.yaml (`demo_target`), evaluated with the pipeline's stages."""
     v = target.evaluate_declared(REPO, tmp_path_factory.mktemp("target"))
