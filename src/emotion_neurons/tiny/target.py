@@ -203,6 +203,8 @@ def evaluate_declared(repo: Path, work: Path, seeds: list[int] | None = None) ->
     """Evaluate `demo_target` of config/demo.yaml on the built miniatures; per-seed tables under `work`."""
     cfg = load_demo_config(repo)
     t = cfg["demo_target"]
+    # the target is declared with the success filter on, whatever the demo run itself uses
+    cfg["filter"] = {**cfg["filter"], "enabled": bool(t.get("filter", True))}
     sels = tuple(t["selectors"])
     per_seed = []
     baseline_uar = []
