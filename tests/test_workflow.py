@@ -30,7 +30,7 @@ def snakemake(
 
 def planned(workdir: Path, *overlays: dict, repo: Path = REPO) -> dict[str, int]:
     """Rules (and job counts) a dry run would execute with the demo config plus `overlays`."""
-    files = ["--configfile", str(REPO / "config" / "demo.yaml")]
+    files = ["--configfile", str(REPO / "config" / "demo-machinery.yaml")]
     for i, o in enumerate(overlays):
         p = workdir / f"overlay{i}.yaml"
         p.write_text(yaml.safe_dump(o))
@@ -68,7 +68,7 @@ def demo_run(tmp_path_factory):
 
     build_all(REPO / ".tiny")
     wd = make_workdir(tmp_path_factory.mktemp("demo"))
-    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"))
+    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo-machinery.yaml"))
     return wd
 
 
@@ -96,7 +96,7 @@ def test_demo_end_to_end(demo_run):
 def test_demo_second_family_audio_flamingo3(demo_run):
     """The embedded setup's second model family: Audio Flamingo 3 on SER, sharing the workdir and cache."""
     snakemake(
-        demo_run, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"),
+        demo_run, "--cores", "2", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
         str(REPO / "config" / "demo-af3.yaml"),
     )
     run = demo_run / "results" / "demo-af3"
@@ -214,7 +214,7 @@ def test_killed_job_leaves_nothing_trusted_and_resumes(tmp_path):
     wd = make_workdir(tmp_path / "wd")
     overlay = tmp_path / "ser-only.yaml"
     overlay.write_text(yaml.safe_dump({"run_name": "kill", "tasks": {"evc": {"enabled": False}}}))
-    args = ["--cores", "1", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay), "--until", "generate"]
+    args = ["--cores", "1", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(overlay), "--until", "generate"]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(wd), *args]
     proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import sys
@@ -29,7 +30,7 @@ from .types import GenerationSettings, Instance
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds")
+OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds", "option_probs")
 
 
 def _rank(seed: int, key: str) -> str:
@@ -245,6 +246,8 @@ def run(
                             "output_sr": out.sample_rate,
                             "n_generated": out.n_generated,
                             "seconds": round(dt, 4),
+                            # SER: first-step probability per option (JSON), "" when not recorded
+                            "option_probs": json.dumps(out.option_probs, sort_keys=True) if out.option_probs else "",
                         }
                     )
         if writer is not None:
