@@ -177,8 +177,11 @@ def load_demo_config(repo: Path) -> dict[str, Any]:
     return cfg
 
 
-def evaluate_declared(repo: Path, work: Path, seeds: list[int] | None = None) -> dict[str, Any]:
-    """Evaluate `demo_target` of config/demo.yaml on the built miniatures; per-seed tables under `work`."""
+def evaluate_declared(repo: Path, work: Path, seeds: list[int] | None = None, reuse: bool = False) -> dict[str, Any]:
+    """Evaluate `demo_target` of config/demo.yaml on the built miniatures; per-seed tables under `work`.
+
+    `reuse`: a seed whose `rows.tsv` (and `ident.json`) already exist under `work` is read back, not rerun (so
+    seeds can be run in separate processes and pooled afterwards)."""
     cfg = load_demo_config(repo)
     t = cfg["demo_target"]
     # the target is declared with the success filter on, whatever the demo run itself uses
@@ -186,19 +189,27 @@ def evaluate_declared(repo: Path, work: Path, seeds: list[int] | None = None) ->
     sels = tuple(t["selectors"])
     per_seed = []
     baseline_uar = []
+    idents = {}
     for seed in seeds if seeds is not None else t["training_seeds"]:
-        res = run_seed(repo / ".tiny" / f"qwen-seed{seed}", cfg, Path(work) / f"seed{seed}",
-                       per_emotion=int(t["eval_per_emotion"]), r=float(t["r"]), selectors=sels,
-                       random_seeds=int(t["random_seeds"]))
-        res.to_csv(Path(work) / f"seed{seed}" / "rows.tsv", sep="\t", index=False)
+        d = Path(work) / f"seed{seed}"
+        if reuse and (d / "rows.tsv").is_file() and (d / "ident.json").is_file():
+            res = pd.read_csv(d / "rows.tsv", sep="\t", keep_default_na=False)
+            res["correct"] = res["correct"].astype(str).eq("True")
+            res["gold_prob"] = res["gold_prob"].astype(float)
+            idents[seed] = json.loads((d / "ident.json").read_text())
+        else:
+            res = run_seed(repo / ".tiny" / f"qwen-seed{seed}", cfg, d, per_emotion=int(t["eval_per_emotion"]),
+                           r=float(t["r"]), selectors=sels, random_seeds=int(t["random_seeds"]))
+            res.to_csv(d / "rows.tsv", sep="\t", index=False)
+            idents[seed] = {"ident": res.attrs["ident"], "mask_sizes": res.attrs["mask_sizes"],
+                            "ident_uar": res.attrs["ident_uar"]}
+            (d / "ident.json").write_text(json.dumps(idents[seed], indent=2, default=float))
         base = res[res["mask"] == "baseline"]
         baseline_uar.append(float(base.groupby("emotion")["correct"].mean().mean()))
         per_seed.append(res)
-        (Path(work) / f"seed{seed}" / "ident.json").write_text(json.dumps(
-            {"ident": res.attrs["ident"], "mask_sizes": res.attrs["mask_sizes"], "ident_uar": res.attrs["ident_uar"]},
-            indent=2, default=float))
     v = verdict(per_seed, sels)
     v["baseline_uar"] = baseline_uar
+    v["ident"] = idents
     return v
 
 
@@ -210,10 +221,12 @@ if __name__ == "__main__":
     ap.add_argument("--repo", default=".")
     ap.add_argument("--work", default=".tiny/target")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
+    ap.add_argument("--reuse", action="store_true", help="read back seeds whose rows.tsv exist under --work")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    v = evaluate_declared(Path(a.repo).resolve(), Path(a.work), a.seeds)
+    v = evaluate_declared(Path(a.repo).resolve(), Path(a.work), a.seeds, a.reuse)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     (Path(a.work) / "verdict.json").write_text(json.dumps(v, indent=2, default=float) + "\n")
     print(json.dumps({s: {k: v[s][k] for k in ("d_gold_prob", "ci", "SE_minus_RCE", "holds")} for s in v
-                      if isinstance(v[s], dict)} | {"met": v["met"], "baseline_uar": v["baseline_uar"]}, indent=2))
+                      if s in v.get("selectors", ()) or (isinstance(v[s], dict) and "holds" in v[s])}
+                     | {"met": v["met"], "baseline_uar": v["baseline_uar"]}, indent=2))
