@@ -32,9 +32,13 @@ tiny: setup sysdeps
 
 demo: tiny
 	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml --show-failed-logs
+	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml config/demo-seed1.yaml --show-failed-logs
+	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml config/demo-seed2.yaml --show-failed-logs
+	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml config/demo-evc.yaml --show-failed-logs
 	$(SNAKEMAKE) --cores $(CORES) --configfile config/demo.yaml config/demo-af3.yaml --show-failed-logs
-	@echo "Reports: $$(pwd)/results/demo/report.html (Qwen2.5-Omni, EVC + SER)"
-	@echo "         $$(pwd)/results/demo-af3/report.html (Audio Flamingo 3, SER)"
+	@echo "Reports: $$(pwd)/results/demo{,-seed1,-seed2}/report.html (miniature Qwen2.5-Omni, SER, training seeds 0-2)"
+	@echo "         $$(pwd)/results/demo-evc/report.html (miniature Qwen2.5-Omni, EVC; untrained speech decoder)"
+	@echo "         $$(pwd)/results/demo-af3/report.html (random tiny Audio Flamingo 3, SER)"
 
 test: setup sysdeps
 	$(PY) -m pytest -q -ra

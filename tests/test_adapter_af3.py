@@ -117,6 +117,15 @@ def test_span_codes(adapter):
         audio_pos = torch.nonzero(row == 0).flatten()
         assert int(audio_pos[-1] - audio_pos[0]) + 1 == n_audio  # one contiguous run
     assert int((codes[:, -1] == 1).sum()) == len(INSTANCES)  # prompts end with text ("assistant\n")
+    # positions before the first audio token are the `prefix` span (identical for every row), none after it
+    prefix = SPANS.index("prefix")
+    for b in range(len(INSTANCES)):
+        first_audio = int(torch.nonzero(ids[b] == adapter.audio_token_id)[0])
+        pos = torch.arange(codes.shape[1])
+        valid = att[b].bool()
+        assert (codes[b][(pos < first_audio) & valid] == prefix).all()
+        assert ((pos < first_audio) & valid).any()
+        assert not (codes[b][pos > first_audio] == prefix).any()
 
 
 def test_prompt_follows_processor_chat_template(adapter):
@@ -171,7 +180,10 @@ def test_capture_token_counts(adapter):
     for b, o in enumerate(outs):
         # a row that never stops has its last token never fed back through the model
         n_counted = min(o.n_generated, SETTINGS.max_new_tokens - 1)
-        expected = [n_audio[b], int(att[b].sum()) - n_audio[b], n_counted]
+        ids = prepared.inputs["input_ids"][b]
+        first_audio = int(torch.nonzero(ids == adapter.audio_token_id)[0])
+        n_prefix = int(att[b][:first_audio].sum())  # positions before the first audio token: `prefix`
+        expected = [n_audio[b], int(att[b].sum()) - n_audio[b] - n_prefix, n_counted, n_prefix]
         np.testing.assert_array_equal(stats["tokens"][b], expected)
     L, N = len(adapter.resolve_sites("thinker")), adapter.n_neurons()
     assert stats["act_sum"].shape == (len(INSTANCES), len(SPANS), L, N)
@@ -217,3 +229,20 @@ def test_stop_token_mid_batch_ends_counting(adapter):
     for b, o in enumerate(outs):
         n_counted = o.n_generated if extra in gen[b] else min(o.n_generated, SETTINGS.max_new_tokens - 1)
         assert stats["tokens"][b, SPANS.index("generated")] == n_counted
+
+
+def test_ser_option_probabilities(adapter):
+    """SER outputs carry first-step option probabilities that match the model's own prefill logits."""
+    inst = Instance(id="o0", task="ser", wav="", speaker="s", emotion="sad", split="eval",
+                    prompt="Which emotion? 1. sad 2. angry", options=["sad", "angry"])
+    prepared = adapter.prepare([inst], AUDIOS[:1])
+    (out,) = adapter.generate(prepared, GenerationSettings(max_new_tokens=2))
+    assert set(out.option_probs) == {"sad", "angry"}
+    with torch.no_grad():
+        logits = adapter.model(**prepared.inputs).logits[0, -1]
+    expected = adapter.option_probabilities(adapter.tokenizer, logits, ["sad", "angry"])
+    for k, v in expected.items():
+        assert out.option_probs[k] == pytest.approx(v, rel=1e-4)
+    assert abs(sum(out.option_probs.values()) - 1.0) < 1e-5
+    (plain,) = adapter.generate(adapter.prepare(INSTANCES[:1], AUDIOS[:1]), GenerationSettings(max_new_tokens=2))
+    assert plain.option_probs is None  # no options, nothing recorded

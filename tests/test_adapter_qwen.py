@@ -128,6 +128,19 @@ def test_prepare_span_codes(adapter, batch):
     assert n_pad.min() == 0 and n_pad.max() > 0
     for row, n in zip(codes, n_pad.tolist(), strict=True):  # padding is on the left only
         assert (row[:n] == -1).all() and (row[n:] >= 0).all()
+    # positions before the first audio token (system prompt, chat template) are the `prefix` span, identical
+    # in every row; everything after the audio is `text`
+    from emotion_neurons import SPANS
+
+    prefixes = []
+    for row, row_ids, row_mask in zip(codes, ids, mask, strict=True):
+        first_audio = int(torch.nonzero(row_ids == adapter.audio_token_id)[0])
+        pos = torch.arange(len(row))
+        assert (row[(pos < first_audio) & row_mask.bool()] == SPANS.index("prefix")).all()
+        assert not (row[pos > first_audio] == SPANS.index("prefix")).any()
+        assert (row[(pos > first_audio) & (row_ids != adapter.audio_token_id)] == SPANS.index("text")).all()
+        prefixes.append(adapter.tokenizer.decode(row_ids[(pos < first_audio) & row_mask.bool()]))
+    assert len(set(prefixes)) == 1 and prefixes[0].endswith("<|im_start|>user\n<|audio_bos|>")
     text = adapter.tokenizer.decode(ids[1][mask[1].bool()])
     assert text.startswith("<|im_start|>system\nYou are Qwen, a virtual human developed by the Qwen Team")
     assert "<|im_start|>user\n<|audio_bos|><|AUDIO|>" in text
@@ -236,3 +249,35 @@ def test_checkpoint_without_speakers_is_text_only(adapter, tiny_dir, tmp_path, b
     )
     with pytest.raises(RuntimeError, match="cannot generate speech"):
         a.generate(prep, GenerationSettings(max_new_tokens=4, want_audio=True))
+
+
+def test_ser_option_probabilities_from_the_first_step(adapter, batch):
+    """SER outputs carry each option's first-step probability (number and word tokens), renormalised over the
+    options; checked against a hand computation on the thinker's own prefill logits."""
+    _, audios = batch
+    opts = ["sad", "happy", "neutral"]
+    inst = Instance(id="s0", task="ser", wav="", speaker="0011", emotion="sad", split="eval",
+                    prompt="Which emotion? 1. sad 2. happy 3. neutral", options=opts)
+    prep = adapter.prepare([inst], audios[:1])
+    (out,) = adapter.generate(prep, GenerationSettings(max_new_tokens=2))
+    assert set(out.option_probs) == set(opts)
+    assert abs(sum(out.option_probs.values()) - 1.0) < 1e-5
+    with torch.no_grad():
+        logits = adapter.model.thinker(**prep.inputs, use_cache=False).logits[0, -1]
+    p = torch.softmax(logits, -1)
+    tok = adapter.tokenizer
+    first = lambda s: tok.encode(s, add_special_tokens=False)[0]  # noqa: E731
+    ids = {
+        "sad": {first(f) for f in ("1", " 1", "one", " one", "sad", " sad", "sadness", " sadness")},
+        "happy": {first(f) for f in ("2", " 2", "two", " two", "happy", " happy", "happiness", " happiness",
+                                     "joy", " joy")},
+        "neutral": {first(f) for f in ("3", " 3", "three", " three", "neutral", " neutral")},
+    }
+    ids["happy"] -= ids["sad"]
+    ids["neutral"] -= ids["sad"] | ids["happy"]
+    mass = {o: float(p[sorted(v)].sum()) for o, v in ids.items()}
+    for o in opts:
+        assert out.option_probs[o] == pytest.approx(mass[o] / sum(mass.values()), rel=1e-4)
+    # EVC (speech) outputs do not carry them
+    (evc,) = adapter.generate(adapter.prepare(batch[0][:1], audios[:1]), GenerationSettings(max_new_tokens=2))
+    assert evc.option_probs is None

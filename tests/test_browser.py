@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from report_run import make_run
 
-from emotion_neurons import listening, report
+from emotion_neurons import listening
+from emotion_neurons.stages import report
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements/dev.txt)")
 from selenium.webdriver.chrome.service import Service  # noqa: E402

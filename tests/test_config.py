@@ -167,7 +167,7 @@ def _dry_run(tmp_path: Path, overlay: dict) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     cmd = [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(wd), "-n", "-p",
-           "--configfile", str(REPO / "config" / "demo.yaml"), str(tmp_path / "over.yaml")]
+           "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(tmp_path / "over.yaml")]
     return subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=600)
 
 

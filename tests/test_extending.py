@@ -81,7 +81,7 @@ OVERLAY = {
 
 def _config() -> dict:
     base = yaml.safe_load((REPO / "config.yaml").read_text())
-    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    demo = yaml.safe_load((REPO / "config" / "demo-machinery.yaml").read_text())
     return _merge(_merge(base, demo), OVERLAY)
 
 
@@ -143,7 +143,7 @@ def test_plugin_selector_and_adapter_through_validation_dag_and_selection(plugin
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(REPO / "tests"), str(REPO / "src")])}
     cmd = [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(wd), "-n", "-p",
-           "--configfile", str(REPO / "config" / "demo.yaml"), str(tmp_path / "over.yaml")]
+           "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(tmp_path / "over.yaml")]
     res = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout

@@ -38,7 +38,8 @@ def direct(adapter, inst, audio, n_gen_tokens, gen_ids, site="gate"):
     """Recompute statistics from one full forward pass over prompt + counted generated tokens."""
     prompt = adapter.tokens(inst, audio)
     seq = prompt + gen_ids[:n_gen_tokens]
-    codes = [0 if t == 5 else 1 for t in prompt] + [2] * n_gen_tokens
+    first_audio = prompt.index(5)  # positions before the first audio token are the prefix span (code 3)
+    codes = [0 if t == 5 else 3 if i < first_audio else 1 for i, t in enumerate(prompt)] + [2] * n_gen_tokens
     sites = adapter.resolve_sites("thinker", site)
     acts = {}
     handles = [

@@ -382,7 +382,7 @@ def workdir(tmp_path):
 
 
 def _args(wd: Path) -> list[str]:
-    return ["--cores", "1", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "overlay.yaml")]
+    return ["--cores", "1", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(wd / "overlay.yaml")]
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def _snakemake_cmd(code: Path, wd: Path, *args: str) -> list[str]:
         "--directory",
         str(wd),
         "--configfile",
-        str(code / "config" / "demo.yaml"),
+        str(code / "config" / "demo-machinery.yaml"),
         str(code / "overlay.yaml"),
         *args,
     ]

@@ -30,7 +30,7 @@ def snakemake(
 
 def planned(workdir: Path, *overlays: dict, repo: Path = REPO) -> dict[str, int]:
     """Rules (and job counts) a dry run would execute with the demo config plus `overlays`."""
-    files = ["--configfile", str(REPO / "config" / "demo.yaml")]
+    files = ["--configfile", str(REPO / "config" / "demo-machinery.yaml")]
     for i, o in enumerate(overlays):
         p = workdir / f"overlay{i}.yaml"
         p.write_text(yaml.safe_dump(o))
@@ -45,7 +45,7 @@ def planned(workdir: Path, *overlays: dict, repo: Path = REPO) -> dict[str, int]
 
 
 def demo_config(*overlays: dict) -> dict:
-    """config.yaml, then config/demo.yaml, then `overlays`, merged as Snakemake merges config files."""
+    """config.yaml, then config/demo-machinery.yaml, then `overlays`, merged as Snakemake merges config files."""
 
     def merge(a: dict, b: dict) -> dict:
         out = dict(a)
@@ -54,7 +54,7 @@ def demo_config(*overlays: dict) -> dict:
         return out
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    for o in (yaml.safe_load((REPO / "config" / "demo.yaml").read_text()), *overlays):
+    for o in (yaml.safe_load((REPO / "config" / "demo-machinery.yaml").read_text()), *overlays):
         cfg = merge(cfg, o)
     return cfg
 
@@ -109,7 +109,7 @@ def test_dry_run_counts_of_a_c_and_filtering_sweep(tmp_path):
     # command line (one shell argument holds at most 128 KiB)
     big = {**sweep, "evaluate": {"groups": 1, "alpha": [0.25, 0.5, 1.0, 1.5, 2.0]}}
     (wd / "big.yaml").write_text(yaml.safe_dump(big))
-    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "big.yaml")).stdout
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(wd / "big.yaml")).stdout
     files = set(re.findall(r"emotion_neurons\.group evaluate --params '?@(results/cache/params/[0-9a-f]+\.json)", out))
     assert len(files) == 2  # one group per task
     import json
@@ -131,13 +131,13 @@ def test_dry_run_of_cross_task_transfer(tmp_path):
         k: v for k, v in base.items() if k not in ("metrics_ident", "evaluate", "judge_eval")}
     assert jobs["metrics_ident"] == 2 * 2 and jobs["evaluate"] >= base["evaluate"]
     (wd / "tr.yaml").write_text(yaml.safe_dump({"transfer": {"tasks": True}}))
-    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "tr.yaml")).stdout
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(wd / "tr.yaml")).stdout
     assert "from-ser-c3-unfiltered-cas-r0.05-steer-a1" in out and "ser/masks/c3-unfiltered/cas-r0.05" in out
     assert "from-evc-c3-unfiltered-random-cas-r0.05-deactivate-s1" in out
     assert "from-evc-c3-unfiltered-cas-r0.05-steer" not in out  # EVC masks only deactivate SER
     (wd / "bad.yaml").write_text(yaml.safe_dump({"transfer": {"tasks": True},
                                                  "tasks": {"ser": {"labels": ["neutral", "angry", "happy", "sad"]}}}))
-    res = snakemake(wd, "-n", "--configfile", str(REPO / "config" / "demo.yaml"), str(wd / "bad.yaml"), check=False)
+    res = snakemake(wd, "-n", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(wd / "bad.yaml"), check=False)
     assert res.returncode != 0 and "surprise" in res.stdout + res.stderr and "tasks.ser.labels" in res.stdout + res.stderr
 
 
@@ -147,7 +147,7 @@ def demo_run(tmp_path_factory):
 
     build_all(REPO / ".tiny")
     wd = make_workdir(tmp_path_factory.mktemp("demo"))
-    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"))
+    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo-machinery.yaml"))
     return wd
 
 
@@ -181,7 +181,7 @@ def test_demo_end_to_end(demo_run):
 def test_demo_second_family_audio_flamingo3(demo_run):
     """The embedded setup's second model family: Audio Flamingo 3 on SER, sharing the workdir and cache."""
     snakemake(
-        demo_run, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"),
+        demo_run, "--cores", "2", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
         str(REPO / "config" / "demo-af3.yaml"),
     )
     run = demo_run / "results" / "demo-af3"
@@ -232,7 +232,7 @@ def test_new_alpha_computes_only_new_conditions(demo_run, tmp_path):
     shutil.copytree(demo_run, wd, symlinks=True)
     overlay = wd / "alpha.yaml"
     overlay.write_text(yaml.safe_dump({"evaluate": {"alpha": [1.0, 0.5]}}))
-    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
+    snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(overlay),
               "--until", "evaluate")
     old = eval_groups(demo_config())
     new = eval_groups(demo_config({"evaluate": {"alpha": [1.0, 0.5]}}))
@@ -332,7 +332,7 @@ def test_killed_job_leaves_nothing_trusted_and_resumes(tmp_path):
     wd = make_workdir(tmp_path / "wd")
     overlay = tmp_path / "ser-only.yaml"
     overlay.write_text(yaml.safe_dump({"run_name": "kill", "tasks": {"evc": {"enabled": False}}}))
-    args = ["--cores", "1", "--configfile", str(REPO / "config" / "demo.yaml"), str(overlay), "--until", "generate"]
+    args = ["--cores", "1", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(overlay), "--until", "generate"]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(wd), *args]
     proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -56,3 +56,6 @@ class GenerationOutput:
     wav: Any = None  # 1-D float32 numpy array, or None for text-only models/tasks
     sample_rate: int = 0
     n_generated: int = 0
+    #: SER: probability of each option at the first generated step (its number's and its words' first tokens),
+    #: renormalised over the options; None when the adapter does not record it
+    option_probs: dict[str, float] | None = None

@@ -191,14 +191,26 @@ class AudioFlamingo3Adapter(ModelAdapter):
                 kw["temperature"] = float(settings.temperature)
         else:  # drop the checkpoint's sampling parameters so greedy decoding does not warn about them
             kw.update(temperature=None, top_p=None, top_k=None)
+        want_options = any(i.options for i in prepared.instances)
+        if want_options:  # SER: keep the first step's logits for the option probabilities
+            kw.update(output_logits=True, return_dict_in_generate=True)
         torch.manual_seed(int(settings.seed))
         with torch.no_grad():
             sequences = model.generate(**kw)
+        first_logits = None
         if not isinstance(sequences, torch.Tensor):
+            if want_options and getattr(sequences, "logits", None):
+                first_logits = sequences.logits[0].cpu()
             sequences = sequences.sequences
         new = sequences[:, prompt_len:].cpu()
         decoded = self.decode_until_stop(self.tokenizer, new, self._stop_ids)
-        return [GenerationOutput(text=text, n_generated=n) for text, n in decoded]
+        out = []
+        for i, (text, n) in enumerate(decoded):
+            probs = None
+            if first_logits is not None and prepared.instances[i].options:
+                probs = self.option_probabilities(self.tokenizer, first_logits[i], prepared.instances[i].options)
+            out.append(GenerationOutput(text=text, n_generated=n, option_probs=probs))
+        return out
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def decoder_root(self, component: str) -> torch.nn.Module:

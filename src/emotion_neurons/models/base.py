@@ -30,7 +30,7 @@ class Prepared:
     """Model inputs for one batch plus the span code of every prompt position.
 
     `span_codes` is [B, T] int64 on the model's input device: index into `emotion_neurons.SPANS`
-    (0 audio, 1 text) for real positions, -1 for padding.
+    (0 audio, 1 text, 3 prefix) for real positions, -1 for padding.
     """
 
     inputs: dict[str, Any]
@@ -179,13 +179,48 @@ class ModelAdapter(ABC):
         return out
 
     @staticmethod
+    def option_probabilities(tokenizer: Any, logits: torch.Tensor, options: list[str]) -> dict[str, float]:
+        """Per option, the first-step probability of answering it, renormalised over the options.
+
+        Why: the gold-answer probability is less coarse than accuracy on small test sets (METHOD.md 3.5). An
+        option is answered by its number (`1`, `one`, as the parser reads it) or by one of its emotion words
+        (`prompts.SYNONYMS`); its mass is the softmax probability of the first tokens of those forms (with and
+        without a leading space), each token counted once."""
+        from ..prompts import NUMBER_WORDS, SYNONYMS
+
+        probs = torch.softmax(logits.detach().float().reshape(-1), dim=-1)
+        seen: set[int] = set()
+        mass: dict[str, float] = {}
+        for k, opt in enumerate(options, 1):
+            forms = [str(k), NUMBER_WORDS[k - 1] if k <= len(NUMBER_WORDS) else str(k), *SYNONYMS.get(opt, (opt,))]
+            ids: set[int] = set()
+            for f in forms:
+                for text in (f, " " + f):
+                    tok = tokenizer.encode(text, add_special_tokens=False)
+                    if tok and tok[0] not in seen:
+                        ids.add(int(tok[0]))
+            seen |= ids
+            mass[opt] = float(probs[sorted(ids)].sum()) if ids else 0.0
+        total = sum(mass.values())
+        return {o: (m / total if total > 0 else float("nan")) for o, m in mass.items()}
+
+    @staticmethod
     def span_codes_from_ids(
         input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_ids: list[int]
     ) -> torch.Tensor:
-        """0 for audio placeholder positions, 1 for other prompt positions, -1 for padding."""
+        """Audio placeholder positions -> `audio`, positions before a row's first audio token -> `prefix`, other
+        prompt positions -> `text`, padding -> -1 (codes index `emotion_neurons.SPANS`).
+
+        A row without audio tokens has no prefix (all its prompt positions are `text`)."""
+        from .. import SPANS
+
         is_audio = torch.isin(input_ids, torch.tensor(audio_token_ids, device=input_ids.device))
-        codes = torch.where(is_audio, 0, 1)
-        return torch.where(attention_mask.bool(), codes, -1).long()
+        valid = attention_mask.bool()
+        before_audio = (torch.cumsum(is_audio.long(), dim=1) == 0) & is_audio.any(dim=1, keepdim=True)
+        codes = torch.full_like(input_ids, SPANS.index("text"), dtype=torch.long)
+        codes = torch.where(before_audio, SPANS.index("prefix"), codes)
+        codes = torch.where(is_audio, SPANS.index("audio"), codes)
+        return torch.where(valid, codes, -1).long()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -519,6 +519,9 @@ class QwenOmniAdapter(ModelAdapter):
         kw.update(self._decoding_kwargs(batch, prompt_len + int(settings.max_new_tokens), bool(settings.want_audio)))
         kw.update({k: v for k, v in settings.extra.items() if k.startswith("thinker_")})
         speaker = self.resolve_speaker(settings.speaker)
+        want_options = not settings.want_audio and any(i.options for i in prepared.instances)
+        if want_options:  # SER: keep the first step's logits for the option probabilities
+            kw.update(thinker_output_logits=True, thinker_return_dict_in_generate=True)
 
         torch.manual_seed(int(settings.seed))
         wavs: list[torch.Tensor] | None = None
@@ -567,7 +570,10 @@ class QwenOmniAdapter(ModelAdapter):
                 thinker_kw = {k[len("thinker_") :]: v for k, v in kw.items() if k.startswith("thinker_")}
                 rest = {k: v for k, v in kw.items() if not k.startswith("thinker_")}
                 sequences = model.thinker.generate(**rest, **thinker_kw)
+        first_logits = None
         if not isinstance(sequences, torch.Tensor):
+            if want_options and getattr(sequences, "logits", None):
+                first_logits = sequences.logits[0].cpu()
             sequences = sequences.sequences
         new = sequences[:, prompt_len:].cpu()
         out: list[GenerationOutput] = []
@@ -578,7 +584,10 @@ class QwenOmniAdapter(ModelAdapter):
                     GenerationOutput(text=text, wav=wav, sample_rate=OUTPUT_SAMPLE_RATE, n_generated=n)
                 )
             else:
-                out.append(GenerationOutput(text=text, n_generated=n))
+                probs = None
+                if first_logits is not None and prepared.instances and prepared.instances[i].options:
+                    probs = self.option_probabilities(self.tokenizer, first_logits[i], prepared.instances[i].options)
+                out.append(GenerationOutput(text=text, n_generated=n, option_probs=probs))
         return out
 
     # -- hooks ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..types import GenerationSettings, Instance
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds")
+OUTPUT_COLUMNS = ("output_text", "output_wav", "output_sr", "n_generated", "seconds", "option_probs")
 
 
 def _rank(seed: int, key: str) -> str:
@@ -242,6 +242,8 @@ def run(
                         "output_sr": out.sample_rate,
                         "n_generated": out.n_generated,
                         "seconds": round(res.seconds, 4),
+                        # SER: first-step probability per option (JSON), "" when not recorded
+                        "option_probs": json.dumps(out.option_probs, sort_keys=True) if out.option_probs else "",
                     }
                     if res.option_scores is not None:
                         sc = res.option_scores[b, : len(inst.options)]

@@ -72,12 +72,26 @@ def build_tokenizer():  # -> transformers.Qwen2Tokenizer
     return tok
 
 
-def _configs(tok) -> dict:
-    """Tiny sub-configs with the token ids of the tiny tokenizer; sizes chosen for speed, not quality."""
+def _configs(
+    tok,
+    hidden: int = 32,
+    layers: int = 3,
+    intermediate: int = 64,
+    audio_layers: int = 1,
+    audio_d_model: int = 32,
+    init_range: float | None = None,
+) -> dict:
+    """Tiny sub-configs with the token ids of the tiny tokenizer; sizes chosen for speed, not quality.
+
+    The defaults are the random tiny model; the trained miniature (`tiny.miniature`) passes its own sizes.
+    """
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS + TTS_SPECIALS}
     vocab = len(tok)
-    hidden = 32
-    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]}  # head_dim 8
+    heads = 4
+    head_dim = hidden // heads
+    # mrope sections sum to head_dim // 2 (8 -> [2, 1, 1], 16 -> [4, 2, 2])
+    quarter = head_dim // 8
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2 * quarter, quarter, quarter]}
     # multimodal placeholder / delimiter ids, the same in the thinker and the talker config
     modal_ids = {
         "audio_token_index": ids["<|AUDIO|>"],
@@ -92,10 +106,10 @@ def _configs(tok) -> dict:
     thinker = {
         "audio_config": {
             "num_mel_bins": 128,
-            "encoder_layers": 1,
+            "encoder_layers": audio_layers,
             "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 64,
-            "d_model": 32,
+            "encoder_ffn_dim": 2 * audio_d_model,
+            "d_model": audio_d_model,
             "output_dim": hidden,
             "n_window": 100,
             "max_source_positions": 1500,
@@ -115,9 +129,9 @@ def _configs(tok) -> dict:
         "text_config": {
             "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
             "rope_parameters": rope,
@@ -125,7 +139,7 @@ def _configs(tok) -> dict:
             "eos_token_id": ids["<|im_end|>"],
             "tie_word_embeddings": True,
             # larger random weights so greedy answers depend on the input (a demo needs some variety)
-            "initializer_range": INIT_RANGE,
+            "initializer_range": INIT_RANGE if init_range is None else init_range,
         },
         **modal_ids,
         "user_token_id": tok.convert_tokens_to_ids("user") if "user" in tok.get_vocab() else 0,
@@ -151,7 +165,7 @@ def _configs(tok) -> dict:
         "num_key_value_heads": 2,
         "head_dim": 8,
         "max_position_embeddings": 4096,
-        "rope_parameters": rope,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]},
         "pad_token_id": n_codes - 4,
     }
     mel_dim = 20
@@ -213,15 +227,17 @@ def _audible_vocoder(bigvgan, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * VOCODER_GAIN / math.sqrt(fan_in))
 
 
-def build(out_dir: pathlib.Path) -> pathlib.Path:
-    """Build and save the tiny checkpoint into `out_dir` (deterministic for a given torch/transformers)."""
+def build(out_dir: pathlib.Path, seed: int = SEED, **sizes) -> pathlib.Path:
+    """Build and save the tiny checkpoint into `out_dir` (deterministic for a given torch/transformers).
+
+    `sizes` go to `_configs` (the random tiny model uses its defaults)."""
     import torch
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
     from transformers.utils import logging as hf_logging
 
     from ..models.qwen_omni import QWEN_OMNI_CHAT_TEMPLATE
 
-    out_dir = seeded_out_dir(out_dir, SEED)
+    out_dir = seeded_out_dir(out_dir, seed)
 
     tok = build_tokenizer()
     tok.chat_template = QWEN_OMNI_CHAT_TEMPLATE
@@ -230,9 +246,9 @@ def build(out_dir: pathlib.Path) -> pathlib.Path:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        config = Qwen2_5OmniConfig(**_configs(tok), enable_audio_output=True)
+        config = Qwen2_5OmniConfig(**_configs(tok, **sizes), enable_audio_output=True)
         model = Qwen2_5OmniForConditionalGeneration(config).to(torch.float32).eval()
-        _audible_vocoder(model.token2wav.code2wav_bigvgan_model, SEED)
+        _audible_vocoder(model.token2wav.code2wav_bigvgan_model, seed)
         model.save_pretrained(out_dir)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -240,7 +256,7 @@ def build(out_dir: pathlib.Path) -> pathlib.Path:
     WhisperFeatureExtractor(feature_size=128).save_pretrained(out_dir)
 
     dit = config.token2wav_config.dit_config
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     spk = {
         name: {
             "cond": torch.randn(1, dit.enc_emb_dim, generator=gen),
