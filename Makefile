@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SNAKEMAKE := PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/snakemake
 CORES ?= 2
 
-.PHONY: setup sysdeps tiny demo test test-fast lint clean-demo
+.PHONY: setup sysdeps tiny demo test test-fast test-miniature lint clean-demo
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: tiny
 
 test: setup sysdeps
 	$(PY) -m pytest -q -ra
+
+# the slow miniature tests, training the miniatures first if their recipe changed (tens of minutes on 2 cores)
+test-miniature: setup sysdeps
+	EMOTION_NEURONS_TRAIN_MINIATURE=1 $(PY) -m pytest -q -ra tests/test_miniature.py
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

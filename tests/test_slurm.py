@@ -100,7 +100,7 @@ def code(tmp_path_factory):
     give the jobs another key than the main process. Both runs use this copy, so they also run the same code."""
     from emotion_neurons.tiny.__main__ import build_all
 
-    build_all(REPO / ".tiny")
+    build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
     dst = tmp_path_factory.mktemp("code")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("Snakefile", "config.yaml"):

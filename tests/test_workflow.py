@@ -96,7 +96,7 @@ def test_dry_run_counts_of_a_c_and_filtering_sweep(tmp_path):
     per group and shard however many settings there are, from the same stage-1 jobs."""
     from emotion_neurons.tiny.__main__ import build_all
 
-    build_all(REPO / ".tiny")
+    build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
     wd = make_workdir(tmp_path / "wd")
     sweep = {"filter": {"c": [3, 2], "enabled": [False, True]}}
     jobs = planned(wd, sweep)
@@ -123,7 +123,7 @@ def test_dry_run_of_cross_task_transfer(tmp_path):
     no new identification jobs; target emotions without a SER mask are refused at start-up."""
     from emotion_neurons.tiny.__main__ import build_all
 
-    build_all(REPO / ".tiny")
+    build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
     wd = make_workdir(tmp_path / "wd")
     base = planned(wd)
     jobs = planned(wd, {"transfer": {"tasks": True}})
@@ -145,7 +145,7 @@ def test_dry_run_of_cross_task_transfer(tmp_path):
 def demo_run(tmp_path_factory):
     from emotion_neurons.tiny.__main__ import build_all
 
-    build_all(REPO / ".tiny")
+    build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
     wd = make_workdir(tmp_path_factory.mktemp("demo"))
     snakemake(wd, "--cores", "2", "--configfile", str(REPO / "config" / "demo-machinery.yaml"))
     return wd
@@ -328,7 +328,7 @@ def test_killed_job_leaves_nothing_trusted_and_resumes(tmp_path):
 
     from emotion_neurons.tiny.__main__ import build_all
 
-    build_all(REPO / ".tiny")
+    build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
     wd = make_workdir(tmp_path / "wd")
     overlay = tmp_path / "ser-only.yaml"
     overlay.write_text(yaml.safe_dump({"run_name": "kill", "tasks": {"evc": {"enabled": False}}}))

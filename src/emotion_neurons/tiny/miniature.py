@@ -381,6 +381,12 @@ def train(out_dir: Path, corpus_dir: Path, recipe: Recipe) -> dict[str, Any]:
     return info
 
 
+def is_cached(out_dir: Path, corpus_dir: Path, recipe: Recipe) -> bool:
+    """Whether `out_dir` already holds a miniature of this recipe (so `build` would not train)."""
+    info_path = Path(out_dir) / "miniature.json"
+    return info_path.is_file() and json.loads(info_path.read_text()).get("recipe_hash") == recipe_hash(recipe, corpus_dir)
+
+
 def build(out_dir: Path, corpus_dir: Path, recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Train into `out_dir` unless it already holds a miniature of the same recipe hash (then keep it)."""
     out_dir = Path(out_dir)
