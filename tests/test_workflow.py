@@ -110,7 +110,7 @@ def test_dry_run_counts_of_a_c_and_filtering_sweep(tmp_path):
     big = {**sweep, "evaluate": {"groups": 1, "alpha": [0.25, 0.5, 1.0, 1.5, 2.0]}}
     (wd / "big.yaml").write_text(yaml.safe_dump(big))
     out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo-machinery.yaml"), str(wd / "big.yaml")).stdout
-    files = set(re.findall(r"emotion_neurons\.group evaluate --params '?@(results/cache/params/[0-9a-f]+\.json)", out))
+    files = set(re.findall(r"emotion_neurons\.stages\.evaluate group --params '?@(results/cache/params/[0-9a-f]+\.json)", out))
     assert len(files) == 2  # one group per task
     import json
 

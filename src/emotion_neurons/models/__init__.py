@@ -11,6 +11,7 @@ checks, the rerun hashes and the GPU rules' `conda:` environment. The class itse
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ def _literals(path: Path, cls: str | None = None) -> dict[str, dict[str, Any]]:
     return out
 
 
+@functools.cache
 def _base_defaults() -> dict[str, Any]:
     return _literals(MODELS_DIR / "base.py", "ModelAdapter")["ModelAdapter"]
 
