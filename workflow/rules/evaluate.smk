@@ -71,12 +71,13 @@ rule evaluate:
     params:
         p=eval_params,
         n=n_eval_shards(),
-        masks=RUN,
+        # the run folder the conditions' mask and aggregate paths are relative to
+        run=lambda wc: RUN,
         cache=EVAL_CACHE,
     shell:
         guarded(
             "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.evaluate group --params {params.p:q} --manifest {input.manifest} "
-            "--run-dir {params.masks} --shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
+            "--run-dir {params.run} --shard {wildcards.shard} --n-shards {params.n} --batch-size {resources.batch_size} "
             "--cache {params.cache} --out {output} > {log} 2>&1"
         )
 
