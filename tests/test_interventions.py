@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
 from scipy.special import softmax
 from toy import ToyAdapter
 
@@ -55,9 +54,16 @@ def _edit(adapter, spec, masks, g, layer=1, values=None, positions_codes=None):
 def test_registry_lists_every_intervention_and_the_schema_enum_is_that_list():
     assert set(INTERVENTIONS.names()) >= {"none", "deactivate", "steer", "steer_norm", "erase", "two_pass", "mix",
                                           "union"}
-    schema = yaml.safe_load(open("workflow/schemas/config.schema.yaml"))
-    enum = schema["properties"]["evaluate"]["properties"]["interventions"]["items"]["enum"]
-    assert sorted(enum) == sorted(n for n in INTERVENTIONS.names() if n != "none")
+    from emotion_neurons.schema import config_schema
+
+    def enum() -> list[str]:
+        return config_schema()["properties"]["evaluate"]["properties"]["interventions"]["items"]["enum"]
+
+    assert sorted(enum()) == sorted(n for n in INTERVENTIONS.names() if n != "none")
+    # one list: the schema's enum is the registry's, so a newly registered intervention is valid config at once
+    with INTERVENTIONS.temporarily("halve_test", type("HalveTest", (Intervention,), {"uses_alpha": False})):
+        assert "halve_test" in enum()
+    assert "halve_test" not in enum()
     for name in INTERVENTIONS.names():
         assert isinstance(Intervention(None, None, InterventionSpec(name, 1.0)), INTERVENTIONS[name])
     with pytest.raises(ValueError, match="intervention 'amplify' unknown; expected one of .*steer_norm"):

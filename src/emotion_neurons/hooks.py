@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import SPANS
-from .interventions import INTERVENTIONS, Intervention, InterventionSpec  # noqa: F401 (re-exported)
+from .interventions import INTERVENTIONS, Intervention, InterventionSpec, _static  # noqa: F401 (re-exported)
 from .models.base import LayerSite
 
 GENERATED = SPANS.index("generated")
@@ -40,13 +40,6 @@ def first_tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor | Non
     if value is None and args and isinstance(args[0], torch.Tensor):
         value = args[0]
     return value
-
-
-def _static(t: torch.Tensor) -> torch.Tensor:
-    """Tell `torch.compile` that `t` keeps its address (CUDA graphs may then update it in place)."""
-    with contextlib.suppress(Exception):  # older torch / no dynamo: only a missed optimisation
-        torch._dynamo.mark_static_address(t)
-    return t
 
 
 def _compiling() -> bool:

@@ -1,7 +1,7 @@
 """The config schema with its name lists taken from the registries, and the start-up checks across keys.
 
 `workflow/schemas/config.schema.yaml` holds everything but the names of the extension points: the selector,
-model adapter, hook site and component enums, and the parameter sections `select.<selector>`, are filled in
+model adapter, hook site, component and intervention enums, and the parameter sections `select.<selector>`, are filled in
 here from `SELECTORS`, `ADAPTERS` and `HOOK_SITES` before validation, so each list exists once. Validation
 fills in the schema's defaults (as `snakemake.utils.validate(..., set_default=True)` does).
 """
@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 def config_schema(path: str | Path = SCHEMA_FILE) -> dict[str, Any]:
     """The schema of `path` with the registries' names injected."""
+    from .interventions import INTERVENTIONS
     from .models import ADAPTERS
     from .selectors import RANDOM, SELECTORS
     from .sites import HOOK_SITES
@@ -34,6 +35,8 @@ def config_schema(path: str | Path = SCHEMA_FILE) -> dict[str, Any]:
     props["model"]["properties"]["adapter"]["enum"] = list(ADAPTERS.names())
     props["hook_site"]["enum"] = list(HOOK_SITES)
     props["component"]["enum"] = sorted({c for a in ADAPTERS.names() for c in ADAPTERS[a].components})
+    ev = props["evaluate"]["properties"]
+    ev["interventions"]["items"]["enum"] = [n for n in INTERVENTIONS.names() if n != "none"]
     select = props["select"]["properties"]
     select["selectors"]["items"]["enum"] = [*SELECTORS.names(), RANDOM]
     for name in SELECTORS.names():
