@@ -228,18 +228,35 @@ def test_grid_takes_strength_from_the_registry_and_keeps_injections_to_ser():
 
 @pytest.mark.slow
 def test_dry_run_adds_only_the_injection_jobs(tmp_path):
-    """Adding the three injections to the demo adds one evaluate (and judge) job per SER mask x alpha each."""
-    from test_workflow import make_workdir, planned
+    """Adding the three injections to the demo adds one SER condition per mask each (none to EVC) and no job of
+    another rule; the grouped evaluate jobs (one per group and shard) carry exactly those new conditions."""
+    import json
+    import re
 
+    from test_workflow import REPO, demo_config, make_workdir, planned, snakemake
+
+    from emotion_neurons import conditions
+
+    b = {"evaluate": {"interventions": ["deactivate", "steer"], "alpha": [1.0]}}
+    m = {"evaluate": {"interventions": ["deactivate", "steer", "two_pass", "mix", "union"], "alpha": [1.0],
+                      "mix_temperature": 0.5}}
     wd = make_workdir(tmp_path / "wd")
-    base = planned(wd, {"evaluate": {"interventions": ["deactivate", "steer"], "alpha": [1.0]}})
-    more = planned(wd, {"evaluate": {"interventions": ["deactivate", "steer", "two_pass", "mix", "union"],
-                                     "alpha": [1.0], "mix_temperature": 0.5}})
+    base, more = planned(wd, b), planned(wd, m)
+    assert {k: v for k, v in more.items() if k not in ("evaluate", "judge_eval")} == {
+        k: v for k, v in base.items() if k not in ("evaluate", "judge_eval")}
     n_masks = base["select"] // 2 + base["random_control"] // 2  # per task
-    assert more["evaluate"] - base["evaluate"] == 3 * n_masks  # SER only
-    assert more["judge_eval"] - base["judge_eval"] == 3 * n_masks
-    assert {k: v for k, v in more.items() if k not in ("evaluate", "judge_eval", "total")} == {
-        k: v for k, v in base.items() if k not in ("evaluate", "judge_eval", "total")}
+    cb, cm = demo_config(b), demo_config(m)
+    for task, extra in (("ser", 3 * n_masks), ("evc", 0)):
+        old = {c["condition"] for c in conditions.full_grid(cb["select"], cb["evaluate"], cb["filter"], task)}
+        new = {c["condition"] for c in conditions.full_grid(cm["select"], cm["evaluate"], cm["filter"], task)}
+        assert old <= new and len(new - old) == extra, task
+        assert all(re.search(r"-(two_pass|mix|union)(-|$)", c) for c in new - old)
+    (wd / "more.yaml").write_text(json.dumps(m))
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
+                    str(wd / "more.yaml")).stdout
+    texts = [out] + [(wd / f).read_text() for f in set(re.findall(r"@(results/cache/params/[0-9a-f]+\.json)", out))]
+    planned_ids = {c for t in texts for c in re.findall(r'"condition":"([^"]*-(?:two_pass|mix|union)[^"]*)"', t)}
+    assert len(planned_ids) == 3 * n_masks
 
 
 @pytest.mark.parametrize("kind", ["steer_norm", "erase"])
