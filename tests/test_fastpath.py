@@ -99,9 +99,10 @@ def test_static_cache_same_text_and_statistics(qwen):
     _assert_same_stats(stats_s, stats_d)
 
 
-def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen):
+def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen, monkeypatch):
     """fullgraph compile of the decode step with capture + steer hooks: no recompilation across steps or
-    batches (a hook that reads per-step Python state would recompile every step), same statistics as eager."""
+    batches (a hook that reads per-step Python state would recompile every step), same statistics as eager;
+    attention on the key/value heads (no `repeat_kv` of the static cache in the compiled step)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -110,6 +111,19 @@ def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen):
     cfg._compile_all_devices = True  # compile on CPU too (transformers' test switch)
     masks = _masks(qwen)
     spec = InterventionSpec("steer", alpha=1.0)
+    from transformers.integrations import sdpa_attention
+
+    class Seen:  # repeat_kv traced into the compiled decode step (a copy of the KV cache per query head)
+        repeated = False  # set, never counted: a changing count would be a guard, i.e. a recompile per step
+
+    repeat_kv = sdpa_attention.repeat_kv
+
+    def counted_repeat_kv(x, n):
+        if torch.compiler.is_compiling():
+            Seen.repeated = True
+        return repeat_kv(x, n)
+
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", counted_repeat_kv)
     try:
         qwen.set_decoding("static", "off")
         ref_text, _, ref = _run(qwen, masks, spec)
@@ -134,6 +148,7 @@ def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen):
     assert graphs_second == graphs_first, "the second batch recompiled"
     assert graphs_third == graphs_first, "a batch with other prompt lengths recompiled the decode step"
     assert not breaks
+    assert not Seen.repeated, "the compiled decode step copied the KV cache per query head (repeat_kv)"
     assert text1 == ref_text == text2
     _assert_same_stats(stats1, ref)
     _assert_same_stats(stats2, ref)
@@ -416,3 +431,86 @@ def test_tracker_wraps_and_restores_the_root_forward(toy):
                 toy.generate(prepared, SETTINGS)
         assert attached_trackers(root) == [outer] and outer.calls == inner.calls > 1
     assert "forward" not in vars(root) and attached_trackers(root) == []
+
+
+def test_packed_gqa_attention_equals_transformers_sdpa(qwen, monkeypatch):
+    """The compiled step's attention equals transformers' SDPA for one query position (bitwise, as it runs
+    the same ops eagerly) and what transformers computes under compile (`repeat_kv`, to rounding); prefill
+    calls are transformers' own. `model.compile` switches the thinker's text attention to it and back."""
+    from transformers.integrations import sdpa_attention
+
+    from emotion_neurons.cudagraphs import ATTENTION_NAME, packed_gqa_sdpa
+
+    mods = dict(qwen.model.named_modules())
+    attn = mods[qwen.resolve_sites("thinker", "gate")[0].name.rsplit(".mlp", 1)[0] + ".self_attn"]
+    assert attn.num_key_value_groups > 1
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, s, d = 2, attn.config.num_attention_heads, attn.config.num_key_value_heads, 9, attn.head_dim
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n, t in ((h, 1), (kv, s), (kv, s)))
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    mask[0, ..., :3] = False  # left padding of row 0
+    ref, _ = sdpa_attention.sdpa_attention_forward(attn, q, k, v, mask, scaling=attn.scaling)
+    got, _ = packed_gqa_sdpa(attn, q, k, v, mask, scaling=attn.scaling)
+    assert torch.equal(got, ref)
+    monkeypatch.setattr(sdpa_attention, "is_torchdynamo_compiling", lambda: True)  # transformers' compiled branch
+    compiled, _ = sdpa_attention.sdpa_attention_forward(attn, q, k, v, mask, scaling=attn.scaling)
+    torch.testing.assert_close(got, compiled)
+    q5 = torch.randn(b, h, 5, d, generator=g)  # a prefill call: transformers' function, unchanged
+    mask5 = torch.ones(b, 1, 5, s, dtype=torch.bool)
+    ref5, _ = sdpa_attention.sdpa_attention_forward(attn, q5, k, v, mask5, scaling=attn.scaling)
+    assert torch.equal(packed_gqa_sdpa(attn, q5, k, v, mask5, scaling=attn.scaling)[0], ref5)
+    cfg = qwen.model.thinker.config.get_text_config(decoder=True)
+    try:
+        qwen.set_decoding("static", "cudagraphs")
+        assert cfg._attn_implementation == ATTENTION_NAME
+        qwen.set_decoding("static", "off")
+        assert cfg._attn_implementation == "sdpa"
+    finally:
+        qwen.set_decoding("dynamic", "off")
+    assert cfg._attn_implementation == "sdpa"
+
+
+def test_decode_step_capture_is_one_copy_per_layer(toy):
+    """A capture decode step copies each layer's last position into one staging buffer and adds all layers at
+    once (CUDA-graph nodes per step ~ layers, not ~7 ops per layer), with the same statistics bit for bit as
+    the per-layer path (kept for split models)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    class PerLayer(StatsRecorder):
+        def _buffers(self, layer, g):
+            super()._buffers(layer, g)
+            self._stage = None
+
+    sites = toy.resolve_sites("thinker", "gate")
+    out = {}
+    for name, cls in (("staged", StatsRecorder), ("per_layer", PerLayer)):
+        tracker = SpanTracker(toy.stop_token_ids)
+        rec = cls(sites, tracker, sum_squares=True)
+        record, Count.n = rec._record, 0
+
+        def counted(layer, g, _record=record, _tracker=tracker):
+            if not _tracker.decoding:
+                return _record(layer, g)
+            with Count():
+                return _record(layer, g)
+
+        rec._record = counted
+        with tracker.attached(toy.decoder_root("thinker")), rec.attached():
+            prepared = toy.prepare(*TOY_BATCH)
+            tracker.start(prepared.span_codes)
+            rec.reset(2)
+            with torch.inference_mode():
+                toy.generate(prepared, SETTINGS)
+            out[name] = (rec.result(), Count.n / (tracker.calls - 1))
+    (staged, ops), (ref, ops_ref) = out["staged"], out["per_layer"]
+    for key in ("tokens", "pos_count", "act_sum", "act_sqsum"):
+        np.testing.assert_array_equal(staged[key], ref[key], err_msg=key)
+    assert staged["tokens"][:, 2].min() > 0
+    assert ops <= 3 * len(sites) + 20 < ops_ref, (ops, ops_ref)

@@ -76,3 +76,57 @@ def register() -> str:
 
     register_backend(name=BACKEND_NAME)(static_cudagraphs)
     return BACKEND_NAME
+
+
+#: attention implementation of the compiled decode step (`register_attention`)
+ATTENTION_NAME = "emotion_neurons_sdpa"
+
+
+def packed_gqa_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with one query position run on the key/value heads also when compiled.
+
+    Why: for a one-token decode step transformers (5.23, `sdpa_attention_forward`) packs the query heads onto
+    the key/value heads (`pack_gqa`, no copy of K/V) only when not compiling; under `torch.compile` it falls
+    back to `repeat_kv`, which copies the whole static cache to every query head in every layer and step
+    (at bs 32 with 1024 cached positions ~13 GB of memory traffic per step; the CUDA-graph path was slower than
+    eager there, bench/RESULTS-fastpath.md run 6). Here the decode step always takes the packed form, exactly
+    the ops transformers runs eagerly, so eager and compiled steps compute the same; every other call is
+    transformers' function unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
+
+    n_rep = int(getattr(module, "num_key_value_groups", 1))
+    b, h, q_len, _ = query.shape
+    plain = kwargs.get("position_bias") is None and kwargs.get("cache") is None and not kwargs.get("softcap")
+    masked = attention_mask is not None and attention_mask.shape[1] == 1  # else transformers uses enable_gqa
+    if n_rep > 1 and q_len == 1 and plain and masked and not use_gqa_in_sdpa(attention_mask, key, value):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(b, h // n_rep, n_rep, query.shape[-1]),  # = transformers' pack_gqa
+            key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False,
+        )  # fmt: skip
+        out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+@functools.cache
+def register_attention() -> str:
+    """Register `packed_gqa_sdpa` (and SDPA's mask builder) with transformers once; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, packed_gqa_sdpa)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

@@ -168,11 +168,15 @@ class StatsRecorder:
         self._first = sites[0].layer if sites else -1
         self._called: set[int] = set()
         self._recorded = False
-        self._pinned: dict[str, torch.Tensor] = {}  # reusable pinned host buffers of `result` (CUDA)
         #: one [L, B, S, N] tensor per statistic while every layer sits on one device (self.pos etc. hold its
         #: views): a compiled decode step then reads 2-3 tensors instead of 2-3 per layer (fewer guards per step)
         self._base: dict[str, torch.Tensor] | None = None
+        #: [L, B, N] in the site's dtype: a decode step copies each layer's last position here (one copy per
+        #: layer) and the last layer adds all of them into `_base` at once (a few kernels per step, not ~7 per
+        #: layer: fewer CUDA-graph nodes, less launch time per step)
+        self._stage: torch.Tensor | None = None
         self._index = {s.layer: i for i, s in enumerate(sites)}
+        self._last = max((s.layer for s in sites), default=-1)  # decoder layers run in index order
 
     def reset(self, batch: int) -> None:
         self.batch = batch
@@ -185,6 +189,7 @@ class StatsRecorder:
             self.sq.clear()
             self.tokens = None
             self._base = None
+            self._stage = None
             return
         with torch.inference_mode():  # the buffers may have been made under the caller's inference mode
             if self._base is not None:
@@ -216,8 +221,10 @@ class StatsRecorder:
                 if self.sum_squares:
                     self.sq[site] = base["sq"][i]
             self.tokens = _static(torch.zeros((b, len(SPANS)), dtype=torch.float32, device=g.device))
+            self._stage = _static(torch.zeros((len(self.sites), b, n), dtype=g.dtype, device=g.device))
             return
         self._base = None
+        self._stage = None
         self.pos[layer] = _static(torch.zeros(shape, dtype=torch.int32, device=g.device))
         self.sum[layer] = _static(torch.zeros(shape, dtype=torch.float32, device=g.device))
         if self.sum_squares:
@@ -229,6 +236,11 @@ class StatsRecorder:
             raise RuntimeError("capture hook ran outside a tracked generation")
         if self.tracker.decoding:
             # one position, one span: add into the `generated` row of rows still alive
+            if self._stage is not None:
+                self._stage[self._index[layer]].copy_(g[:, -1])
+                if layer == self._last:
+                    self._flush_stage(codes)
+                return
             alive = (codes[:, -1] == GENERATED).to(g.device).unsqueeze(-1)  # [B, 1]
             last = g[:, -1]
             gf = last.float()  # [B, N]
@@ -246,6 +258,8 @@ class StatsRecorder:
                 self.tokens[:, GENERATED].add_(alive[:, 0])
             return
         self._buffers(layer, g)
+        if self._stage is not None and (self._base is None or self._stage.dtype != g.dtype):
+            self._stage = None  # split model or mixed dtypes: the decode steps take the per-layer path
         self._called.add(layer)
         self._recorded = True
         codes = codes.to(g.device)
@@ -258,6 +272,18 @@ class StatsRecorder:
             self.sq[layer].add_(torch.einsum("bts,btn->bsn", oh, gf * gf))
         if layer == self._first:
             self.tokens.add_(oh.sum(1))
+
+    def _flush_stage(self, codes: torch.Tensor) -> None:
+        """Add one decode step of every layer (staged in `_stage`) into the `generated` rows, all layers at once:
+        the same values added in the same order per element as the per-layer path, so the same bits."""
+        st = self._stage
+        alive = (codes[:, -1] == GENERATED).to(st.device).unsqueeze(-1)  # [B, 1], broadcast over [L, B, N]
+        gf = st.float()
+        self._base["pos"][:, :, GENERATED].add_((st > 0) & alive)  # sign test in the site's dtype
+        self._base["sum"][:, :, GENERATED].add_(torch.where(alive, gf, 0.0))
+        if self.sum_squares:
+            self._base["sq"][:, :, GENERATED].add_(torch.where(alive, gf * gf, 0.0))
+        self.tokens[:, GENERATED].add_(alive[:, 0])
 
     def _make_hook(self, site: LayerSite):
         if site.kind == "pre":
@@ -287,9 +313,11 @@ class StatsRecorder:
     def result(self) -> dict[str, np.ndarray]:
         """Move the accumulators to host once per batch: arrays [B, S, L, N] and tokens [B, S].
 
-        On CUDA each statistic is stacked on the device and copied asynchronously into pinned host buffers
-        kept by the recorder (allocating pinned memory per batch cost ~10 ms a statistic on an H200), with
-        one wait at the end, then handed out as copies.
+        On CUDA each statistic is copied asynchronously into pinned host memory, with one wait at the end, and
+        handed out as numpy views of it (no host copy: at bs 32 two 272 MB copies per batch, page faults
+        included, were part of capture's cost). The pinned blocks come from torch's caching host allocator
+        (`pin_memory=True`): a block returns to it when the caller drops the arrays, so steady state
+        allocates no pinned memory (allocating it fresh per batch cost ~10 ms a statistic on an H200).
         """
         if self.tokens is None or not self._recorded:
             raise RuntimeError("no forward pass was recorded")
@@ -300,32 +328,31 @@ class StatsRecorder:
         one_device = len({self.pos[i].device for i in layers}) == 1
         copies: list[torch.Tensor] = []
 
-        def to_host(name: str, t: torch.Tensor) -> torch.Tensor:
+        def to_host(t: torch.Tensor) -> torch.Tensor:
             if t.device.type != "cuda":
                 return t.cpu()
-            buf = self._pinned.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # once per batch size
-                self._pinned[name] = buf
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             buf.copy_(t, non_blocking=True)
             copies.append(t)  # keep the device source alive until the wait below
             return buf
 
-        def stacked(name: str, acc: dict[int, torch.Tensor]) -> torch.Tensor:
+        def stacked(acc: dict[int, torch.Tensor], name: str) -> torch.Tensor:
             # one device-to-host copy per statistic when every layer sits on one device
+            if self._base is not None and one_device:
+                # [L, B, S, N] -> [B, S, L, N]; clone: never a view of the accumulator (reset zeroes it)
+                return to_host(self._base[name].permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format))
             if one_device:
-                return to_host(name, torch.stack([acc[i] for i in layers], dim=2))
+                return to_host(torch.stack([acc[i] for i in layers], dim=2))
             return torch.stack([acc[i].cpu() for i in layers], dim=2)
 
         host = {
-            "pos_count": stacked("pos_count", self.pos),
-            "act_sum": stacked("act_sum", self.sum),
-            "tokens": to_host("tokens", self.tokens.round().to(torch.int64)),
+            "pos_count": stacked(self.pos, "pos"),
+            "act_sum": stacked(self.sum, "sum"),
+            "tokens": to_host(self.tokens.round().to(torch.int64)),
         }
         if self.sum_squares:
-            host["act_sqsum"] = stacked("act_sqsum", self.sq)
+            host["act_sqsum"] = stacked(self.sq, "sq")
         for dev in {t.device for t in copies}:
             torch.cuda.synchronize(dev)
-        # the pinned buffers are reused by the next batch: hand out copies
-        return {k: v.numpy().copy() if copies else v.numpy() for k, v in host.items()}
-
+        # fresh tensors each batch (never the accumulators themselves, which the next batch zeroes)
+        return {k: v.numpy() for k, v in host.items()}

@@ -325,6 +325,21 @@ class QwenOmniAdapter(ModelAdapter):
             )
         self.cache_implementation = cache_implementation
         self.compile = compile
+        self._set_attention(packed=compile != "off")
+
+    def _set_attention(self, packed: bool) -> None:
+        """Compiled decode steps attend on the key/value heads, as eager ones do (`cudagraphs.packed_gqa_sdpa`):
+        transformers' own SDPA copies the cache per query head under `torch.compile`. Eager: identity."""
+        if self.model is None:
+            return
+        from ..cudagraphs import ATTENTION_NAME, register_attention
+
+        cfg = self.model.thinker.config.get_text_config(decoder=True)
+        current = cfg._attn_implementation
+        if packed and current == "sdpa":
+            cfg._attn_implementation_internal = register_attention()
+        elif not packed and current == ATTENTION_NAME:
+            cfg._attn_implementation_internal = "sdpa"
 
     def _static_cache(self, batch: int, needed: int) -> Any:
         """One `StaticCache` per batch size, reset and reused while long enough (at least 1024 positions), so
