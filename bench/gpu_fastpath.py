@@ -85,6 +85,20 @@ def save() -> None:
         fn()
 
 
+T_START = time.perf_counter()
+
+
+def over_budget(args: argparse.Namespace, cell: str, res: dict) -> bool:
+    """True (and the cell noted as skipped) once the run is past `--budget-s`: the run then still ends inside
+    the device tool's 10-minute limit and prints its table."""
+    spent = time.perf_counter() - T_START
+    if spent <= args.budget_s:
+        return False
+    res.setdefault("skipped_for_budget", []).append(f"{cell} (at {spent:.0f} s)")
+    log(f"skipping {cell}: {spent:.0f} s spent, budget {args.budget_s} s")
+    return True
+
+
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
     """Device-to-device copy, bytes read + written per second (median of 10 after 3 warm-ups)."""
     if device.type != "cuda":
@@ -125,7 +139,7 @@ def run_batches(
     """Generate all instances in batches of `bs` (one untimed warm-up batch first); time per generate call."""
     batches = [list(range(b, min(b + bs, len(insts)))) for b in range(0, len(insts), bs)]
     plan = ([(True, batches[0])] if warmup else []) + [(False, b) for b in batches]
-    t_gen, rows, logits = [], {}, {}
+    t_gen, t_res, rows, logits = [], [], {}, {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with hooks.attached():
@@ -137,12 +151,15 @@ def run_batches(
             t0 = time.perf_counter()
             with torch.inference_mode():
                 gen = adapter.generate(prepared, settings)
+            sync(device)
+            t1 = time.perf_counter()
             stats = hooks.rec.result() if hooks.rec is not None else None
             sync(device)
             dt = time.perf_counter() - t0
             if warm:
                 continue
             t_gen.append(dt)
+            t_res.append(time.perf_counter() - t1)
             plen = int(prepared.inputs["input_ids"].shape[1])
             new = ids.last[:, plen:]
             for j, i in enumerate(idx):
@@ -161,6 +178,7 @@ def run_batches(
         "batch_size": bs,
         "n": len(insts),
         "seconds_per_call": t_gen,
+        "result_seconds_per_call": t_res,  # the recorder's host copy (part of seconds_per_call)
         "seconds_per_instance": float(np.sum(t_gen)) / len(insts),
         "peak_gib": None if peak is None else round(peak, 2),
         "rows": rows,
@@ -193,41 +211,41 @@ def profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
-    bs = args.profile_batch_size
-    sub, aud = insts[:bs], audios[:bs]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     lines, summary = [], []
-    for dec in args.profile_decodings:
+    for dec, bs, mode in [(d, b, m) for d in args.profile_decodings for b in args.profile_batch_sizes
+                          for m in args.profile_modes]:  # fmt: skip
+        sub, aud = insts[:bs], audios[:bs]
         decoding(dec)
-        for mode in args.profile_modes:
-            hooks = Hooks(adapter, mode, masks)
-            t0 = time.perf_counter()
+        hooks = Hooks(adapter, mode, masks)
+        t0 = time.perf_counter()
+        try:
+            run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)  # compile, warm up
+            with profile(activities=acts) as prof:
+                r = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
+            plain = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
+        except Exception as e:  # noqa: BLE001 - report the cell, go on
+            summary.append({"decoding": dec, "mode": mode, "batch_size": bs, "error": f"{type(e).__name__}: {e}"[:400]})
+            log(f"profile {dec} {mode} failed: {e}")
+            continue
+        ka = prof.key_averages()
+        launches = {k: sum(e.count for e in ka if e.key == k) for k in ("cudaGraphLaunch", "cudaLaunchKernel")}
+        row = {"decoding": dec, "mode": mode, "batch_size": bs, "s_per_call_profiled": r["seconds_per_call"],
+               "s_per_call_unprofiled": plain["seconds_per_call"],
+               "result_s_per_call": plain["result_seconds_per_call"], **launches,
+               "setup_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        summary.append(row)
+        log(f"profile: {json.dumps(row)}")
+        lines.append(f"===== {json.dumps(row)}")
+        for key in ("self_cpu_time_total", "self_device_time_total"):
             try:
-                run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)  # compile, warm up
-                with profile(activities=acts) as prof:
-                    r = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
-                plain = run_batches(adapter, hooks, sub, aud, bs, st, ids, device, warmup=False)
-            except Exception as e:  # noqa: BLE001 - report the cell, go on
-                summary.append({"decoding": dec, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
-                log(f"profile {dec} {mode} failed: {e}")
-                continue
-            ka = prof.key_averages()
-            launches = {k: sum(e.count for e in ka if e.key == k) for k in ("cudaGraphLaunch", "cudaLaunchKernel")}
-            row = {"decoding": dec, "mode": mode, "batch_size": bs, "s_per_call_profiled": r["seconds_per_call"],
-                   "s_per_call_unprofiled": plain["seconds_per_call"], **launches,
-                   "setup_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-            summary.append(row)
-            log(f"profile: {json.dumps(row)}")
-            lines.append(f"===== {json.dumps(row)}")
-            for key in ("self_cpu_time_total", "self_device_time_total"):
-                try:
-                    lines.append(ka.table(sort_by=key, row_limit=25, max_name_column_width=70))
-                except Exception as e:  # noqa: BLE001 - older torch names the column differently
-                    lines.append(f"(no table by {key}: {e})")
-            res["profile"] = summary
-            res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
-            Path(args.out, "profile.txt").write_text("\n".join(lines))
-            save()
+                lines.append(ka.table(sort_by=key, row_limit=25, max_name_column_width=70))
+            except Exception as e:  # noqa: BLE001 - older torch names the column differently
+                lines.append(f"(no table by {key}: {e})")
+        res["profile"] = summary
+        res["dynamo_counters"] = {k: {str(a): b for a, b in v.items()} for k, v in counters.items()}
+        Path(args.out, "profile.txt").write_text("\n".join(lines))
+        save()
 
 
 def text_settings(n_tokens: int, cache_len: int, logits: bool = True) -> GenerationSettings:
@@ -292,6 +310,8 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
                     for bs in args.speech_batch_sizes:
                         if (t2w > 1 and bs == 1) or (t2w == 1 and bs > args.per_row_max_bs):
                             continue
+                        if over_budget(args, f"speech {dec} t2w={t2w} bs={bs}", res):
+                            continue
                         adapter.set_speech(min(t2w, bs) if t2w > 1 else 1)
                         sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
                         t0 = time.perf_counter()
@@ -350,6 +370,8 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     for dec in args.decodings:
         decoding(dec)
         for bs in args.batch_sizes:
+            if over_budget(args, f"grid {dec} bs={bs}", res):
+                continue
             sub = insts[: args.n_per_bs.get(bs, bs)]
             aud = audios[: len(sub)]
             t0 = time.perf_counter()
@@ -373,11 +395,13 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
             }  # fmt: skip
             for m in modes[1:]:
                 s = float(np.mean([r["seconds_per_instance"] for r in cell[m]]))
-                row[f"{m}_ratio"] = round(s / s_plain, 4)
-                row[f"{m}_ratio_rounds"] = [
-                    round(r["seconds_per_instance"] / p["seconds_per_instance"], 4)
-                    for r, p in zip(cell[m], plain, strict=True)
-                ]
+                per_round = [r["seconds_per_instance"] / p["seconds_per_instance"] for r, p in zip(cell[m], plain, strict=True)]
+                # the median of the per-round ratios (modes interleaved, order reversed every round): robust to
+                # a slow round, which the ratio of means is not
+                row[f"{m}_ratio"] = round(float(np.median(per_round)), 4)
+                row[f"{m}_ratio_of_means"] = round(s / s_plain, 4)
+                row[f"{m}_ratio_rounds"] = [round(x, 4) for x in per_round]
+                row[f"{m}_result_s_per_call"] = round(float(np.median([t for r in cell[m] for t in r["result_seconds_per_call"]] or [0])), 4)
                 row[f"{m}_rows_equal_plain"] = [equal_rows(r, p) for r, p in zip(cell[m], plain, strict=True)]
             t_call = float(np.median([t for r in plain for t in r["seconds_per_call"]]))
             t_one = float(np.median(one["seconds_per_call"]))
@@ -403,14 +427,15 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
                 v["row"][f"max_logit_gap_vs_{ref_name}"] = logit_gap(v["plain0"], ref["plain0"])
     res["grid"] = [v["row"] for v in grid.values()]
     ordered = [d for d in args.decodings if d not in args.plain_only]
-    # goal 4b: ids across batch sizes (plain, first decoding)
-    d0 = ordered[0] if ordered else None
-    b_ = [bs for bs in args.batch_sizes if f"{d0}/{bs}" in grid]
+    # goal 4b: plain ids across batch sizes, per decoding (rows of the smaller batch size's instances)
     cross = {}
-    for bs in b_[1:]:
-        a, b = grid[f"{d0}/{b_[0]}"]["plain0"], grid[f"{d0}/{bs}"]["plain0"]
-        common = [k for k in b["rows"] if k in a["rows"]]
-        cross[f"bs{b_[0]}_vs_bs{bs}"] = f"{sum(a['rows'][k]['ids'] == b['rows'][k]['ids'] for k in common)}/{len(common)}"
+    for d0 in args.decodings:
+        b_ = [bs for bs in args.batch_sizes if f"{d0}/{bs}" in grid]
+        for bs in b_[1:]:
+            a, b = grid[f"{d0}/{b_[0]}"]["plain0"], grid[f"{d0}/{bs}"]["plain0"]
+            common = [k for k in a["rows"] if k in b["rows"]]
+            same = sum(a["rows"][k]["ids"] == b["rows"][k]["ids"] for k in common)
+            cross[f"{d0} bs{b_[0]}_vs_bs{bs}"] = f"{same}/{len(common)}"
     res["ids_across_batch_sizes"] = cross
     save()
     del grid
@@ -420,7 +445,9 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     det = {}
     bs = args.det_batch_size
     sub, aud = insts[: args.n_per_bs.get(bs, bs)], audios[: args.n_per_bs.get(bs, bs)]
-    for dec in ordered:
+    for dec in [d for d in ordered if d in args.det_decodings]:
+        if over_budget(args, f"deterministic {dec}", res):
+            continue
         decoding(dec)
         runs = {}
         for setting in ("cudnn_on", "cudnn_off", "cudnn_on", "cudnn_off"):
@@ -451,6 +478,57 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
     adapter.set_decoding("dynamic", "off")
 
 
+def goals(result: dict[str, Any]) -> list[str]:
+    """The table of issue 14's goals, read off this run's cells (ratios are medians over interleaved rounds)."""
+    a = result["args"]
+    dec = a.get("goal_decoding", "graph")
+    grid = {(r["decoding"], r["batch_size"]): r for r in result.get("grid", [])}
+    out = [f"Goals (issue 14), fast path `{dec}`; met = every listed number within its bound", "",
+           "| goal | bound | measured | met |", "|---|---|---|---|"]  # fmt: skip
+    cells = [grid[(dec, bs)] for bs in a["batch_sizes"] if (dec, bs) in grid and "capture_ratio" in grid[(dec, bs)]]
+    for m, what in (("capture", "capture"), ("steer", "steer alpha 1"), ("steer0", "steer alpha 0")):
+        vals = [f"bs {r['batch_size']}: {r[f'{m}_ratio']:.3f}x ({min(r[f'{m}_ratio_rounds']):.2f}-"
+                f"{max(r[f'{m}_ratio_rounds']):.2f})" for r in cells]  # fmt: skip
+        ok = bool(cells) and len(cells) == len(a["batch_sizes"]) and all(r[f"{m}_ratio"] <= 1.03 for r in cells)
+        out.append(f"| 1 {what} / plain | <= 1.03x at bs {a['batch_sizes']} | {'; '.join(vals) or 'not run'} | {'yes' if ok else 'no'} |")
+    same = [f"bs {r['batch_size']}: {sum(r['steer0_rows_equal_plain'])}/{r['n'] * len(r['steer0_rows_equal_plain'])}" for r in cells]
+    ok = bool(cells) and all(x == r["n"] for r in cells for x in r["steer0_rows_equal_plain"])
+    out.append(f"| 1 alpha 0 ids = plain | all rows, every round | {'; '.join(same) or 'not run'} | {'yes' if ok else 'no'} |")
+    r1 = grid.get((dec, 1))
+    if r1 is not None and r1.get("x_floor") is not None:
+        eq = [f"{r1.get(f'rows_equal_{ref}', '-')}/{r1['n']} = {ref} (gap {r1.get(f'max_logit_gap_vs_{ref}', '-')})"
+              for ref in ("static", "eager") if f"rows_equal_{ref}" in r1]  # fmt: skip
+        ok = r1["x_floor"] <= 2.0 and r1.get("rows_equal_static") == r1["n"]
+        out.append(f"| 2 bs-1 decode / weight-read floor | <= 2x, ids = eager | {r1['ms_per_token']} ms/token = "
+                   f"{r1['x_floor']}x of {result.get('build', {}).get('floor_ms_per_step')} ms; ids {'; '.join(eq)} "
+                   f"| {'yes' if ok else 'no'} |")  # fmt: skip
+    else:
+        out.append("| 2 bs-1 decode / weight-read floor | <= 2x, ids = eager | not run | no |")
+    sp = [r for r in result.get("speech", []) if "error" not in r]
+    base = next((r for r in sp if r["batch_size"] == 1), None)
+    if base and sp:
+        best = min(sp, key=lambda r: r["s_per_utterance"])
+        gain = base["s_per_utterance"] / best["s_per_utterance"]
+        ok = gain >= 8 and best["s_per_utterance"] <= 0.6
+        out.append(f"| 3 speech utterances/s over bs 1 | >= 8x, <= 0.6 s per 4-s utterance | {gain:.2f}x: "
+                   f"{best['s_per_utterance']} s at bs {best['batch_size']} ({best['decoding']}, token2wav "
+                   f"{best['token2wav_batch']} rows/call, peak {best['peak_gib']} GiB) vs {base['s_per_utterance']} s "
+                   f"| {'yes' if ok else 'no'} |")  # fmt: skip
+    else:
+        out.append("| 3 speech utterances/s over bs 1 | >= 8x | not run | no |")
+    det = result.get("deterministic", {})
+    for d, r in det.items():
+        out.append(f"| 4 model.deterministic cost ({d}, bs {r['batch_size']}) | measured | {r['deterministic_cost']:.3f}x; "
+                   f"run-to-run ids {r['rows_equal_run_to_run_deterministic']}/{r['n']}; cuDNN on vs off "
+                   f"{r['rows_equal_on_vs_off']}/{r['n']} | measured |")  # fmt: skip
+    cross = result.get("ids_across_batch_sizes") or {}
+    out.append(f"| 4 plain ids across batch sizes | measured | {'; '.join(f'{k}: {v}' for k, v in cross.items()) or 'not run'} "
+               f"| {'measured' if cross else 'no'} |")  # fmt: skip
+    if result.get("skipped_for_budget"):
+        out.append(f"\nSkipped for the time budget: {'; '.join(result['skipped_for_budget'])}")
+    return out + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     env, a = result["environment"], result["args"]
     b = result.get("build", {})
@@ -459,12 +537,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"{env['transformers']}; {env['date_utc']}; {a['new_tokens']} new tokens per row (fixed), ~{a['seconds']} s "
         f"clips, greedy; {a['rounds']} rounds; command: `{result['command']}`",
         f"Weights read per decode step {b.get('lm_read_gib')} GiB; copy bandwidth {b.get('copy_bandwidth_tb_s')} TB/s;"
-        f" floor {b.get('floor_ms_per_step')} ms/step",
+        f" floor {b.get('floor_ms_per_step')} ms/step; total {result.get('total_seconds')} s",
         "",
+        *goals(result),
         "Goals 1-2 (time ratios over plain, same decoding and batch size; ids = rows equal to plain per round)",
         "",
-        "| decoding | bs | plain s/inst | ms/token | x floor | capture | steer | steer0 | steer0 ids = plain | capture ids = plain | ids = eager (max logit gap) | ids = static (gap) | peak GiB (plain/capture) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decoding | bs | plain s/inst | ms/token | x floor | capture | steer | steer0 | steer0 ids = plain | capture ids = plain | ids = eager (max logit gap) | ids = static (gap) | peak GiB (plain/capture) | capture host copy s/call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result.get("grid", []):
         n = r["n"]
@@ -473,7 +552,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['decoding']} (plain only) | {r['batch_size']} | {r['plain_s_per_instance']:.4f} "
                 f"| {r['ms_per_token']} | {r.get('x_floor', '-')} | | | | | "
                 f"| {r.get('rows_equal_eager', '-')}/{n} ({r.get('max_logit_gap_vs_eager', '-')}) | "
-                f"| {r['peak_gib']['plain']} |"
+                f"| {r['peak_gib']['plain']} | |"
             )
             continue
         out.append(
@@ -483,7 +562,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {', '.join(f'{x}/{n}' for x in r['capture_rows_equal_plain'])} "
             f"| {r.get('rows_equal_eager', '-')}/{n} ({r.get('max_logit_gap_vs_eager', '-')}) "
             f"| {r.get('rows_equal_static', '-')}/{n} ({r.get('max_logit_gap_vs_static', '-')}) "
-            f"| {r['peak_gib']['plain']}/{r['peak_gib']['capture']} |"
+            f"| {r['peak_gib']['plain']}/{r['peak_gib']['capture']} | {r.get('capture_result_s_per_call', '-')} |"
         )
     out += ["", f"Plain ids across batch sizes: {json.dumps(result.get('ids_across_batch_sizes'))}", ""]
     out += ["Goal 4 (model.deterministic = cuDNN SDPA off)", "",
@@ -542,14 +621,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-per-bs", type=parse_n, default=parse_n("1:4,8:16,32:32"), help="instances per batch size")
     ap.add_argument("--decodings", nargs="*", default=["eager", "static", "graph"], choices=sorted(DECODINGS))
     ap.add_argument(
-        "--plain-only", nargs="*", default=["static"], help="decodings timed in plain mode only (references)"
+        "--plain-only", nargs="*", default=["eager", "static"], help="decodings timed in plain mode only (references)"
     )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mask-frac", type=float, default=0.005)
     ap.add_argument("--det-batch-size", type=int, default=8)
-    ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 16])
+    ap.add_argument("--det-decodings", nargs="*", default=["graph"], choices=sorted(DECODINGS),
+                    help="decodings (of --decodings, not plain-only) timed with cuDNN SDPA on and off")
+    ap.add_argument("--budget-s", type=float, default=530.0,
+                    help="skip the remaining cells once this many seconds have passed since start")
+    ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 32])
     ap.add_argument("--speech-decodings", nargs="+", default=["eager"], choices=sorted(DECODINGS))
     ap.add_argument("--speech-min-n", type=int, default=2)
     ap.add_argument("--speech-tokens", type=int, default=32)
@@ -557,11 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token2wav-batch-sizes", type=int, nargs="+", default=[1, 32],
                     help="model.token2wav_batch_size per speech cell (capped at the batch size; 1 = upstream)")
     ap.add_argument("--per-row-max-bs", type=int, default=8, help="largest bs timed with per-row token2wav")
-    ap.add_argument("--speech-first", action="store_true", help="speech cells before the text grid")
+    ap.add_argument("--speech-first", action=argparse.BooleanOptionalAction, default=True,
+                    help="speech cells before the text grid (their cost is known; the grid's budget adapts)")
+    ap.add_argument("--goal-decoding", default="graph", help="the fast path the goals table reads (goals 1-2)")
     ap.add_argument("--profile-decodings", nargs="*", default=[], choices=sorted(DECODINGS),
                     help="torch.profiler tables of one timed batch per decoding x mode (profile.txt under --out)")
     ap.add_argument("--profile-modes", nargs="+", default=["plain", "capture"], choices=MODES)
-    ap.add_argument("--profile-batch-size", type=int, default=8)
+    ap.add_argument("--profile-batch-sizes", type=int, nargs="+", default=[8])
     ap.add_argument("--profile-only", action="store_true", help="stop after the profile")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
