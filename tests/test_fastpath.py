@@ -476,6 +476,8 @@ def test_decode_step_capture_is_one_copy_per_layer(toy):
     the per-layer path (kept for split models)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from emotion_neurons import SPANS
+
     class Count(TorchDispatchMode):
         n = 0
 
@@ -504,7 +506,9 @@ def test_decode_step_capture_is_one_copy_per_layer(toy):
         rec._record = counted
         with tracker.attached(toy.decoder_root("thinker")), rec.attached():
             prepared = toy.prepare(*TOY_BATCH)
-            tracker.start(prepared.span_codes)
+            codes = prepared.span_codes.clone()
+            codes[:, -1] = SPANS.index("generated")  # a prefill position coded generated, as the talker's has
+            tracker.start(codes)
             rec.reset(2)
             with torch.inference_mode():
                 toy.generate(prepared, SETTINGS)
