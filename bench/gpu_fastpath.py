@@ -625,12 +625,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--mask-frac", type=float, default=0.005)
     ap.add_argument("--det-batch-size", type=int, default=8)
     ap.add_argument("--det-decodings", nargs="*", default=["graph"], choices=sorted(DECODINGS),
                     help="decodings (of --decodings, not plain-only) timed with cuDNN SDPA on and off")
-    ap.add_argument("--budget-s", type=float, default=530.0,
+    ap.add_argument("--budget-s", type=float, default=470.0,
                     help="skip the remaining cells once this many seconds have passed since start")
     ap.add_argument("--speech-batch-sizes", type=int, nargs="*", default=[1, 8, 32])
     ap.add_argument("--speech-decodings", nargs="+", default=["eager"], choices=sorted(DECODINGS))

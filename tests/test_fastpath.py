@@ -99,6 +99,27 @@ def test_static_cache_same_text_and_statistics(qwen):
     _assert_same_stats(stats_s, stats_d)
 
 
+def test_static_cache_length_follows_the_bucket(qwen):
+    """`model.static_cache_bucket`: the cache holds the needed positions rounded up to the bucket, is reused
+    while long enough (same buffers: no re-capture) and grows by buckets; a new bucket drops the old caches."""
+    try:
+        qwen.set_decoding("static", "off", static_cache_bucket=64)
+        first = qwen._static_cache(2, 70)
+        assert qwen._caches[2][0] == 128
+        assert qwen._static_cache(2, 100) is first and qwen._caches[2][0] == 128
+        qwen._static_cache(2, 130)
+        assert qwen._caches[2][0] == 192
+        assert qwen._static_cache(1, 5) is not first and qwen._caches[1][0] == 64
+        qwen.set_decoding("static", "off", static_cache_bucket=256)
+        assert not qwen._caches
+        qwen._static_cache(2, 70)
+        assert qwen._caches[2][0] == 256
+        with pytest.raises(ValueError, match="static_cache_bucket must be >= 16"):
+            qwen.set_decoding("static", "off", static_cache_bucket=8)
+    finally:
+        qwen.set_decoding("dynamic", "off")
+
+
 def test_compiled_decode_step_keeps_hooks_in_one_graph(qwen, monkeypatch):
     """fullgraph compile of the decode step with capture + steer hooks: no recompilation across steps or
     batches (a hook that reads per-step Python state would recompile every step), same statistics as eager;
@@ -159,9 +180,10 @@ def test_config_keys_reach_the_adapter(qwen, monkeypatch, tmp_path):
 
     monkeypatch.setattr(models, "get_adapter", lambda name: _Stub())
     a = load_adapter(
-        {"adapter": "qwen2_5_omni", "id": "x", "cache_implementation": "static", "compile": "cudagraphs"}
-    )
-    assert a.calls == [("static", "cudagraphs")]
+        {"adapter": "qwen2_5_omni", "id": "x", "cache_implementation": "static", "compile": "cudagraphs",
+         "static_cache_bucket": 128}
+    )  # fmt: skip
+    assert a.calls == [("static", "cudagraphs", 128)]
     with pytest.raises(ValueError, match="model.compile 'inductor' needs model.cache_implementation: static"):
         qwen.set_decoding("dynamic", "inductor")
     try:  # speech output: static cache, but no compiled decode step (CUDA graphs overwrite kept hidden states)
@@ -194,8 +216,8 @@ class _Stub:
     def load(self, *a, **k):
         pass
 
-    def set_decoding(self, cache, compile_mode):
-        self.calls.append((cache, compile_mode))
+    def set_decoding(self, cache, compile_mode, static_cache_bucket=None):
+        self.calls.append((cache, compile_mode, static_cache_bucket))
 
     def set_speech(self, token2wav_batch_size):
         self.speech.append(token2wav_batch_size)

@@ -50,6 +50,9 @@ DEFAULT_SPEAKER = "Chelsie"
 TALKER_MAX_NEW_TOKENS = 4096
 #: thinker KV cache kinds (`model.cache_implementation`) and decode-step compilation (`model.compile`)
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+#: `model.static_cache_bucket` default: prompts of ~5 s clips (~250 tokens) and 32 new tokens fit 512 positions;
+#: the decode step's attention over a 1024-position cache cost ~1.2 ms per step at bs 1 on an H200
+STATIC_CACHE_BUCKET = 256
 COMPILE_MODES = ("off", "cudagraphs", "inductor")
 
 
@@ -293,6 +296,7 @@ class QwenOmniAdapter(ModelAdapter):
         self.cache_implementation = "dynamic"
         self.compile: Any = "off"
         self._caches: dict[int, tuple[int, Any]] = {}  # batch size -> (max length, StaticCache), reused
+        self.static_cache_bucket = STATIC_CACHE_BUCKET
         self.token2wav_batch_size = 1
 
     def set_speech(self, token2wav_batch_size: int = 1) -> None:
@@ -302,7 +306,9 @@ class QwenOmniAdapter(ModelAdapter):
             raise ValueError(f"model.token2wav_batch_size must be >= 1; got {token2wav_batch_size!r}")
         self.token2wav_batch_size = int(token2wav_batch_size)
 
-    def set_decoding(self, cache_implementation: str = "dynamic", compile: Any = "off") -> None:
+    def set_decoding(
+        self, cache_implementation: str = "dynamic", compile: Any = "off", static_cache_bucket: int | None = None
+    ) -> None:
         """Thinker decoding fast path (`model.cache_implementation`, `model.compile`).
 
         `static` pre-allocates the KV cache (transformers `StaticCache`), which makes the decode step shape-stable;
@@ -310,8 +316,17 @@ class QwenOmniAdapter(ModelAdapter):
         arithmetic as eager, seconds to capture; our backend, `emotion_neurons.cudagraphs`, because torch's
         keeps the KV-cache writes outside the graph), `inductor` fuses kernels too (mode reduce-overhead, tens
         of seconds to compile, other bf16 rounding). The capture and intervention hooks run inside the compiled step. A
-        `transformers.CompileConfig` may be given instead of a name (tests).
+        `transformers.CompileConfig` may be given instead of a name (tests). `static_cache_bucket`
+        (`model.static_cache_bucket`): the static cache holds the positions a batch needs rounded up to a multiple
+        of it (and grows, never shrinks, per batch size); a decode step attends over the whole cache, so a
+        shorter one is faster, and each new length is one more compilation.
         """
+        if static_cache_bucket is not None:
+            if int(static_cache_bucket) < 16:
+                raise ValueError(f"model.static_cache_bucket must be >= 16; got {static_cache_bucket!r}")
+            if int(static_cache_bucket) != self.static_cache_bucket:
+                self._caches.clear()
+            self.static_cache_bucket = int(static_cache_bucket)
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"model.cache_implementation {cache_implementation!r} unknown; expected one of {CACHE_IMPLEMENTATIONS}"
@@ -342,14 +357,16 @@ class QwenOmniAdapter(ModelAdapter):
             cfg._attn_implementation_internal = "sdpa"
 
     def _static_cache(self, batch: int, needed: int) -> Any:
-        """One `StaticCache` per batch size, reset and reused while long enough (at least 1024 positions), so
-        the compiled / CUDA-graph decode step sees the same buffers batch after batch (no re-capture)."""
+        """One `StaticCache` per batch size, reset and reused while long enough (`needed` rounded up to a multiple
+        of `static_cache_bucket`), so the compiled / CUDA-graph decode step sees the same buffers batch after
+        batch (no re-capture)."""
         from transformers import StaticCache
 
         length, cache = self._caches.get(batch, (0, None))
         if cache is None or length < needed:
-            # generous first size: a prompt a little longer than the last must not re-allocate (and recompile)
-            length = max(1024, -(-needed // 512) * 512)
+            # rounded up: a prompt a little longer than the last must not re-allocate (and recompile)
+            bucket = self.static_cache_bucket
+            length = max(bucket, -(-needed // bucket) * bucket)
             config = self._require().thinker.config.get_text_config(decoder=True)
             cache = StaticCache(config=config, max_cache_len=length)
             self._caches[batch] = (length, cache)

@@ -284,7 +284,7 @@ def load_adapter(model_cfg: dict[str, Any]):
                 f"model.cache_implementation={cache!r} / model.compile={compile_mode!r}: adapter "
                 f"{model_cfg['adapter']!r} has no fast decoding path; use dynamic / off"
             )
-        set_decoding(cache, compile_mode)
+        set_decoding(cache, compile_mode, static_cache_bucket=int(model_cfg.get("static_cache_bucket", 256)))
     t2w_batch = int(model_cfg.get("token2wav_batch_size", 1))
     if t2w_batch != 1:
         set_speech = getattr(adapter, "set_speech", None)
