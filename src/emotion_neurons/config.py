@@ -255,10 +255,11 @@ NOT_STAGE1_TASK_KEYS: tuple[str, ...] = ("enabled", "shards", "eval_shards", "sp
 #: model keys in the stage-1 key. `batch_size` is one: left padding and kernel choice make bf16 GPU outputs
 #: depend on the batch composition (only the talker's random draws are seeded per instance). The decoding keys
 #: are too: cuDNN attention (`deterministic`), the static cache, the compiled step and batched token2wav each
-#: changed bf16 outputs on an H200 (bench/RESULTS-fastpath.md), so their statistics are never reused.
+#: changed bf16 outputs on an H200 (bench/RESULTS-fastpath.md), so their statistics are never reused; the static
+#: cache's length (`static_cache_bucket`) sets how many masked positions the decode attention reduces over.
 STAGE1_MODEL_KEYS: tuple[str, ...] = (
     "adapter", "id", "revision", "dtype", "speaker", "batch_size",
-    "deterministic", "cache_implementation", "compile", "token2wav_batch_size",
+    "deterministic", "cache_implementation", "compile", "token2wav_batch_size", "static_cache_bucket",
 )
 
 
