@@ -248,6 +248,15 @@ def profile_cells(args, adapter, masks, insts, audios, ids, device, st, decoding
         save()
 
 
+def talker_mode(name: str, device: torch.device) -> Any:
+    """`model.talker_compile`; on CPU (the --tiny smoke run) a compiled mode runs dynamo's eager backend."""
+    if name == "off" or device.type == "cuda":
+        return name
+    from transformers import CompileConfig
+
+    return CompileConfig(fullgraph=False, dynamic=False, backend="eager", mode=None)
+
+
 def text_settings(n_tokens: int, cache_len: int, logits: bool = True) -> GenerationSettings:
     extra: dict[str, Any] = {"thinker_min_new_tokens": n_tokens}
     if logits:
@@ -304,57 +313,76 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tm
                        "talker_min_new_tokens": args.codec_tokens, "talker_max_new_tokens": args.codec_tokens},
             )  # fmt: skip
             wav_ref: dict[int, dict] = {}  # bs -> per-row token2wav waveforms, the reference of the batched ones
-            for dec in args.speech_decodings:
-                decoding(dec)
-                for t2w in args.token2wav_batch_sizes:
-                    for bs in args.speech_batch_sizes:
-                        if (t2w > 1 and bs == 1) or (t2w == 1 and bs > args.per_row_max_bs):
-                            continue
-                        if over_budget(args, f"speech {dec} t2w={t2w} bs={bs}", res):
-                            continue
-                        adapter.set_speech(min(t2w, bs) if t2w > 1 else 1)
-                        sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
-                        t0 = time.perf_counter()
-                        wavs: dict = {}
-                        try:
-                            r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device,
-                                            keep_wavs=wavs)  # fmt: skip
-                        except Exception as e:  # noqa: BLE001 - report the cell, go on
-                            sp_rows.append({"decoding": dec, "token2wav_batch": t2w, "batch_size": bs,
-                                            "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
-                            log(f"speech {dec} t2w={t2w} bs={bs} failed: {e}")
-                            gc.collect()
-                            torch.cuda.empty_cache() if device.type == "cuda" else None
-                            continue
-                        wav = [v["wav_samples"] for v in r["rows"].values()]
-                        audio_s = float(np.mean(wav)) / adapter.output_sample_rate
-                        row = {
-                            "decoding": dec, "token2wav_batch": min(t2w, bs), "batch_size": bs, "n": len(sub),
-                            "s_per_utterance": round(r["seconds_per_instance"], 4),
-                            "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
-                            "audio_seconds_per_utterance": round(audio_s, 3),
-                            "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
-                            "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
-                        }  # fmt: skip
-                        if dec == args.speech_decodings[0] and t2w == 1:
-                            wav_ref[bs] = {"wavs": wavs, "ids": {k: v["ids"] for k, v in r["rows"].items()}}
-                        ref = wav_ref.get(bs)
-                        if ref is not None and t2w > 1:
-                            common = [k for k in wavs if k in ref["wavs"]]
-                            same_len = [k for k in common if ref["wavs"][k].shape == wavs[k].shape]
-                            row["wav_rows_same_length_as_per_row"] = f"{len(same_len)}/{len(common)}"
-                            row["thinker_ids_equal_per_row"] = sum(ref["ids"][k] == r["rows"][k]["ids"] for k in common)
-                            if same_len:
-                                row["wav_max_abs_diff_vs_per_row"] = float(
-                                    max(np.abs(ref["wavs"][k] - wavs[k]).max() for k in same_len)
-                                )
-                                row["wav_min_corr_vs_per_row"] = float(
-                                    min(np.corrcoef(ref["wavs"][k], wavs[k])[0, 1] for k in same_len)
-                                )
-                        sp_rows.append(row)
-                        save()
-                        log(f"speech {dec} bs={bs}: {json.dumps(row)}")
-                adapter.set_speech(1)
+            talker_ref: dict[tuple, dict] = {}  # (t2w, bs) -> the eager talker's waveforms
+            cells = [(dec, tc, t2w, bs) for dec in args.speech_decodings for tc in args.talker_compiles
+                     for t2w in args.token2wav_batch_sizes for bs in args.speech_batch_sizes]  # fmt: skip
+            current = None
+            for dec, tc, t2w, bs in cells:
+                if dec != current:
+                    decoding(dec)
+                    current = dec
+                if (t2w > 1 and bs == 1) or (t2w == 1 and bs > args.per_row_max_bs):
+                    continue
+                if tc != "off" and t2w == 1 and bs > 1:  # the compiled talker with batched token2wav only
+                    continue
+                if over_budget(args, f"speech {dec} talker={tc} t2w={t2w} bs={bs}", res):
+                    continue
+                adapter.set_speech(min(t2w, bs) if t2w > 1 else 1, talker_mode(tc, device))
+                steps0 = adapter._talker_step.steps if adapter._talker_step is not None else 0
+                sub, aud = insts[: max(bs, args.speech_min_n)], audios[: max(bs, args.speech_min_n)]
+                t0 = time.perf_counter()
+                wavs: dict = {}
+                try:
+                    r = run_batches(adapter, Hooks(adapter, "plain", masks), sub, aud, bs, ss, ids, device,
+                                    keep_wavs=wavs)  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - report the cell, go on
+                    sp_rows.append({"decoding": dec, "talker_compile": tc, "token2wav_batch": t2w,
+                                    "batch_size": bs, "error": f"{type(e).__name__}: {e}"[:400]})  # fmt: skip
+                    log(f"speech {dec} t2w={t2w} bs={bs} failed: {e}")
+                    gc.collect()
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                    continue
+                wav = [v["wav_samples"] for v in r["rows"].values()]
+                audio_s = float(np.mean(wav)) / adapter.output_sample_rate
+                row = {
+                    "decoding": dec, "talker_compile": tc, "token2wav_batch": min(t2w, bs), "batch_size": bs,
+                    "n": len(sub),
+                    "talker_compiled_steps": (adapter._talker_step.steps if adapter._talker_step is not None
+                                              else 0) - steps0,
+                    "s_per_utterance": round(r["seconds_per_instance"], 4),
+                    "utterances_per_s": round(1 / r["seconds_per_instance"], 3),
+                    "audio_seconds_per_utterance": round(audio_s, 3),
+                    "real_time_factor": round(r["seconds_per_instance"] / audio_s, 4) if audio_s else None,
+                    "peak_gib": r["peak_gib"], "seconds": round(time.perf_counter() - t0, 1),
+                }  # fmt: skip
+                if tc == "off":
+                    talker_ref[(t2w, bs)] = wavs
+                elif (t2w, bs) in talker_ref:  # same codes = same waves (same seeds, same token2wav calls)
+                    tref = talker_ref[(t2w, bs)]
+                    common = [k for k in wavs if k in tref]
+                    row["wav_rows_equal_eager_talker"] = (
+                        f"{sum(tref[k].shape == wavs[k].shape and np.array_equal(tref[k], wavs[k]) for k in common)}"
+                        f"/{len(common)}"
+                    )
+                if dec == args.speech_decodings[0] and t2w == 1 and tc == "off":
+                    wav_ref[bs] = {"wavs": wavs, "ids": {k: v["ids"] for k, v in r["rows"].items()}}
+                ref = wav_ref.get(bs)
+                if ref is not None and t2w > 1:
+                    common = [k for k in wavs if k in ref["wavs"]]
+                    same_len = [k for k in common if ref["wavs"][k].shape == wavs[k].shape]
+                    row["wav_rows_same_length_as_per_row"] = f"{len(same_len)}/{len(common)}"
+                    row["thinker_ids_equal_per_row"] = sum(ref["ids"][k] == r["rows"][k]["ids"] for k in common)
+                    if same_len:
+                        row["wav_max_abs_diff_vs_per_row"] = float(
+                            max(np.abs(ref["wavs"][k] - wavs[k]).max() for k in same_len)
+                        )
+                        row["wav_min_corr_vs_per_row"] = float(
+                            min(np.corrcoef(ref["wavs"][k], wavs[k])[0, 1] for k in same_len)
+                        )
+                sp_rows.append(row)
+                save()
+                log(f"speech {dec} talker={tc} bs={bs}: {json.dumps(row)}")
+            adapter.set_speech(1)
             base = next((r for r in sp_rows if r.get("batch_size") == 1 and "error" not in r), None)
             for r in sp_rows:
                 if base and "error" not in r:
@@ -511,7 +539,8 @@ def goals(result: dict[str, Any]) -> list[str]:
         gain = base["s_per_utterance"] / best["s_per_utterance"]
         ok = gain >= 8 and best["s_per_utterance"] <= 0.6
         out.append(f"| 3 speech utterances/s over bs 1 | >= 8x, <= 0.6 s per 4-s utterance | {gain:.2f}x: "
-                   f"{best['s_per_utterance']} s at bs {best['batch_size']} ({best['decoding']}, token2wav "
+                   f"{best['s_per_utterance']} s at bs {best['batch_size']} ({best['decoding']}, talker "
+                   f"{best.get('talker_compile', 'off')}, token2wav "
                    f"{best['token2wav_batch']} rows/call, peak {best['peak_gib']} GiB) vs {base['s_per_utterance']} s "
                    f"| {'yes' if ok else 'no'} |")  # fmt: skip
     else:
@@ -576,18 +605,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"{d['rows_equal_run_to_run_deterministic']}/{n} | {d['rows_equal_on_vs_off']}/{n} |"
         )
     out += ["", "Goal 3 (speech: thinker + talker + token2wav)", "",
-            "| thinker decoding | token2wav rows/call | bs | s/utterance | utterances/s | x bs-1 | audio s | RTF | peak GiB | thinker ids = per-row | wav max abs diff / min corr vs per-row |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "| thinker decoding | talker compile (steps) | token2wav rows/call | bs | s/utterance | utterances/s | x bs-1 | audio s | RTF | peak GiB | thinker ids = per-row | wav max abs diff / min corr vs per-row | waves = eager talker |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result.get("speech", []):
         if "error" in r:
-            out.append(f"| {r['decoding']} | {r.get('token2wav_batch')} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | | | |")
+            out.append(f"| {r['decoding']} | {r.get('talker_compile', 'off')} | {r.get('token2wav_batch')} | {r['batch_size']} | ERROR {r['error'][:120]} | | | | | | | | |")
             continue
         diff = (f"{r['wav_max_abs_diff_vs_per_row']:.2e} / {r['wav_min_corr_vs_per_row']:.6f}"
                 if "wav_max_abs_diff_vs_per_row" in r else "-")  # fmt: skip
         out.append(
-            f"| {r['decoding']} | {r.get('token2wav_batch', 1)} | {r['batch_size']} | {r['s_per_utterance']} "
+            f"| {r['decoding']} | {r.get('talker_compile', 'off')} ({r.get('talker_compiled_steps', 0)}) "
+            f"| {r.get('token2wav_batch', 1)} | {r['batch_size']} | {r['s_per_utterance']} "
             f"| {r['utterances_per_s']} | {r.get('throughput_vs_bs1_eager', '-')} | {r['audio_seconds_per_utterance']} "
-            f"| {r['real_time_factor']} | {r['peak_gib']} | {r.get('thinker_ids_equal_per_row', '-')} | {diff} |"
+            f"| {r['real_time_factor']} | {r['peak_gib']} | {r.get('thinker_ids_equal_per_row', '-')} | {diff} "
+            f"| {r.get('wav_rows_equal_eager_talker', '-')} |"
         )
     if result.get("profile"):
         out += ["", "Profile (one batch per cell; profile.txt has the tables)", "",
@@ -639,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codec-tokens", type=int, default=200)
     ap.add_argument("--token2wav-batch-sizes", type=int, nargs="+", default=[1, 32],
                     help="model.token2wav_batch_size per speech cell (capped at the batch size; 1 = upstream)")
+    ap.add_argument("--talker-compiles", nargs="+", default=["off", "cudagraphs"], choices=["off", "cudagraphs", "inductor"],
+                    help="model.talker_compile per speech cell (compiled: bs 1 and batched token2wav cells only)")
     ap.add_argument("--per-row-max-bs", type=int, default=8, help="largest bs timed with per-row token2wav")
     ap.add_argument("--speech-first", action=argparse.BooleanOptionalAction, default=True,
                     help="speech cells before the text grid (their cost is known; the grid's budget adapts)")

@@ -92,6 +92,7 @@ def test_stage1_key_follows_the_decoding_keys_that_change_bf16_outputs():
         ("compile", "cudagraphs"),
         ("token2wav_batch_size", 8),
         ("static_cache_bucket", 1024),
+        ("talker_compile", "cudagraphs"),
     ):
         assert stage1_key(_config({"model": {key: value}}), "evc") != stage1_key(base, "evc"), key
 

@@ -284,6 +284,89 @@ def test_speech_with_batched_token2wav_matches_per_row(qwen):
     np.testing.assert_allclose(batched[1].wav, alone.wav, rtol=1e-4, atol=1e-5)
 
 
+def test_talker_decode_step_compiled_same_codes(qwen, monkeypatch):
+    """`model.talker_compile`: the talker's decode steps run through the compiled fixed-shape step
+    (`TalkerDecodeStep`, one compilation for all steps of a batch and the next), and the codec ids, texts and
+    waves equal the upstream eager talker's (dynamic cache). CPU: dynamo with the eager backend, which runs the
+    traced graph; the CUDA-graph replay of the same step is measured in bench/gpu_fastpath.py."""
+    model = qwen.model
+    codes: list[torch.Tensor] = []
+    handle = model.token2wav.register_forward_pre_hook(lambda m, a: codes.append(a[0].clone()))
+    insts = [_inst(0), _inst(1, "Say it again."), _inst(2, "Once more, please.")]
+    audios = [_audio(1.0, 220.0, 0), _audio(0.7, 330.0, 1), _audio(0.8, 180.0, 2)]
+    prepared = qwen.prepare(insts, audios)
+    one = qwen.prepare(insts[1:2], audios[1:2])  # one row: no attention mask, upstream counts positions itself
+    steps = []
+    count = model.talker.register_forward_pre_hook(  # outside the compiled step (a traced hook would be guarded on)
+        lambda m, a, k: steps.append(k["input_ids"].shape[1] if k.get("inputs_embeds") is None else 0), with_kwargs=True
+    )
+    results = {}
+    try:
+        for name, mode in (
+            ("eager", "off"),
+            ("compiled", transformers.CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)),
+        ):
+            codes.clear()
+            steps.clear()
+            qwen.set_speech(1, mode)
+            outs = [qwen.generate(prepared, GenerationSettings(max_new_tokens=5, want_audio=True, seed=s, extra=x))
+                    for s, x in ((7, {}), (8, {"talker_do_sample": False}))]  # fmt: skip
+            outs.append(qwen.generate(one, GenerationSettings(max_new_tokens=5, want_audio=True, seed=9)))
+            ran = qwen._talker_step.steps if qwen._talker_step is not None else 0
+            results[name] = (outs, [c.clone() for c in codes], list(steps), ran)
+            assert "forward" not in vars(model.talker)  # restored after generate
+    finally:
+        handle.remove()
+        count.remove()
+        qwen.set_speech(1, "off")
+    (eager, eager_codes, eager_steps, ran0), (fast, fast_codes, fast_steps, ran) = results["eager"], results["compiled"]
+    decode_steps = sum(1 for n in fast_steps if n == 1)
+    assert decode_steps > 4 and fast_steps == eager_steps
+    assert ran0 == 0 and ran == decode_steps  # every decode step of both calls ran the compiled step
+    assert qwen._talker_step is None  # set_speech(off) dropped it
+    for a, b in zip(eager_codes, fast_codes, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(eager, fast, strict=True):
+        assert [o.text for o in a] == [o.text for o in b]
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.wav, y.wav)
+
+
+def test_talker_decode_step_is_the_compiled_one(qwen):
+    """Every talker decode step goes through the compiled step (not upstream's forward), compiled once."""
+    from emotion_neurons.models import qwen_omni
+
+    cfg = transformers.CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
+    compiles = []
+    upstream = []
+    prepared = qwen.prepare(BATCH[0], BATCH[1])
+    try:
+        qwen.set_speech(1, cfg)
+        for seed in (7, 8):
+            qwen.generate(prepared, GenerationSettings(max_new_tokens=4, want_audio=True, seed=seed))
+            step = qwen._talker_step
+            assert isinstance(step, qwen_omni.TalkerDecodeStep)
+            if seed == 7:
+                first = step.steps
+                orig = step.upstream
+                step.upstream = lambda *a, orig=orig, **k: upstream.append(k.get("inputs_embeds") is not None) or orig(*a, **k)
+                torch._dynamo.reset()
+                backend = cfg.backend
+
+                def counting(gm, inputs):
+                    compiles.append(1)
+                    return gm.forward
+
+                step.compiled = torch.compile(step._step, backend=counting, dynamic=False, fullgraph=True)
+        assert first > 4 and step.steps > first
+        assert upstream == [True]  # only the prefill (inputs_embeds) ran upstream's forward
+        assert len(compiles) == 1, backend
+    finally:
+        qwen.set_speech(1, "off")
+    with pytest.raises(ValueError, match="model.talker_compile 'fast' unknown"):
+        qwen.set_speech(1, "fast")
+
+
 # -- the cudagraphs backend: static KV cache and hook buffers static, their writes inside the graph ----------------
 def test_cudagraphs_backend_keeps_static_writes_in_the_graph(qwen, monkeypatch):
     """The KV-cache writes and the hooks' accumulator / span-state updates stay in the captured graph as

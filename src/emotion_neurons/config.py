@@ -260,6 +260,7 @@ NOT_STAGE1_TASK_KEYS: tuple[str, ...] = ("enabled", "shards", "eval_shards", "sp
 STAGE1_MODEL_KEYS: tuple[str, ...] = (
     "adapter", "id", "revision", "dtype", "speaker", "batch_size",
     "deterministic", "cache_implementation", "compile", "token2wav_batch_size", "static_cache_bucket",
+    "talker_compile",
 )
 
 

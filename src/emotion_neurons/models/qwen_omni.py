@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import os
@@ -54,6 +55,125 @@ CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 #: the decode step's attention over a 1024-position cache cost ~1.2 ms per step at bs 1 on an H200
 STATIC_CACHE_BUCKET = 256
 COMPILE_MODES = ("off", "cudagraphs", "inductor")
+
+
+def _compile_config(mode: Any) -> Any:
+    """`transformers.CompileConfig` of a `model.compile` / `model.talker_compile` name (a config passes through)."""
+    if not isinstance(mode, str):
+        return mode
+    from transformers import CompileConfig
+
+    if mode == "cudagraphs":
+        from ..cudagraphs import register
+
+        return CompileConfig(fullgraph=False, dynamic=False, backend=register(), mode=None)
+    return CompileConfig(fullgraph=False, dynamic=False, backend="inductor", mode="reduce-overhead")
+
+
+@functools.cache
+def talker_cache_class() -> type:
+    """A `StaticCache` that `generate` does not treat as compileable (so it neither compiles the talker's whole
+    forward nor turns its 2D mask into a 4D one: the talker's prefill counts each row's left padding in the 2D
+    mask for its rope positions). `TalkerDecodeStep` compiles the decode step itself."""
+    from transformers import StaticCache
+
+    class TalkerStaticCache(StaticCache):
+        is_compileable = False  # type: ignore[assignment]  # shadows Cache.is_compileable (a property)
+
+    return TalkerStaticCache
+
+
+#: talker forward kwargs a decode step may get from `generate` that upstream reads only at prefill
+_TALKER_PREFILL_ONLY = frozenset(
+    {"input_text_ids", "image_grid_thw", "video_grid_thw", "use_audio_in_video", "audio_feature_lengths",
+     "video_second_per_grid", "return_dict", "output_attentions", "output_hidden_states"}
+)  # fmt: skip
+
+
+class TalkerDecodeStep:
+    """The talker's decode step with fixed shapes, compiled (`model.talker_compile`), installed as its `forward`.
+
+    Why a wrapper: upstream's talker forward drops the first row of `thinker_reply_part` every decode step, so
+    a compiled forward sees a new input shape per step (one compilation each), and it grows the 2D mask by one
+    position per step. Here the shrinking part and the rope positions stay in eager code exactly as upstream
+    computes them (`Qwen2_5OmniTalkerForConditionalGeneration.forward`, decode branch), and the compiled step
+    gets only fixed shapes: this step's codec ids [B, 1], its reply row [B, 1, H], positions [3, B, 1], the mask
+    padded with zeros to the static cache's length (as transformers pads it, `prepare_padding_mask`) and the
+    static cache (which tracks its own write position). The prefill, and any call that is not a plain decode step, runs upstream's forward unchanged.
+    """
+
+    def __init__(self, talker: torch.nn.Module, compile_config: Any) -> None:
+        self.talker = talker
+        self.upstream = type(talker).forward.__get__(talker)
+        self.__signature__ = inspect.signature(self.upstream)  # generate validates its kwargs against forward's
+        self.compiled = torch.compile(self._step, **compile_config.to_dict())
+        self.steps = 0  # compiled decode steps run (tests / benchmark)
+
+    def _step(
+        self, input_ids: torch.Tensor, reply_row: torch.Tensor, position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None, past_key_values: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        t = self.talker
+        inputs_embeds = t.get_input_embeddings()(input_ids) + reply_row
+        out = t.model(
+            attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=t.thinker_to_talker_proj(inputs_embeds), use_cache=True, return_dict=True,
+        )  # fmt: skip
+        return t.codec_head(out[0]).float()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from transformers import StaticCache
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+            Qwen2_5OmniTalkerCausalLMOutputWithPast,
+        )
+
+        t = self.talker
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        cache, reply = kwargs.get("past_key_values"), kwargs.get("thinker_reply_part")
+        known = {"input_ids", "attention_mask", "past_key_values", "thinker_reply_part", "inputs_embeds",
+                 "position_ids", "use_cache"}  # fmt: skip
+        decode = (
+            not args and kwargs.get("inputs_embeds") is None and kwargs.get("position_ids") is None
+            and isinstance(cache, StaticCache) and input_ids is not None and input_ids.shape[1] == 1
+            and (mask is None or (mask.ndim == 2 and t.rope_deltas is not None)) and reply is not None
+            and kwargs.get("use_cache", True) is not False
+            and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
+            and all(k in known or k in _TALKER_PREFILL_ONLY for k in kwargs)
+        )  # fmt: skip
+        if not decode:
+            return self.upstream(*args, **kwargs)
+        batch, seq = input_ids.shape
+        position_ids = padded = None  # no mask (one row, no padding): upstream lets the model count positions
+        if mask is not None:  # upstream's decode branch: positions continue after the prefill's rope deltas
+            delta = (cache.get_seq_length() + t.rope_deltas).to(input_ids.device)
+            position_ids = torch.arange(seq, device=input_ids.device).view(1, -1).expand(batch, -1).add(delta)
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        reply_row = reply[:, :1, :].contiguous()  # fixed strides (the reply part shrinks every step)
+        if reply.shape[1] > 1:
+            reply = reply[:, 1:, :]
+        length = int(cache.layers[0].max_cache_len)
+        if mask is not None:
+            if mask.shape[1] > length:
+                raise ValueError(f"talker static cache holds {length} positions; the mask has {mask.shape[1]}")
+            padded = torch.nn.functional.pad(mask.to(reply.device), (0, length - mask.shape[1]))
+        logits = self.compiled(input_ids, reply_row, position_ids, padded, cache)
+        self.steps += 1
+        # a CUDA-graph replay overwrites its outputs at the next replay: hand out a copy
+        return Qwen2_5OmniTalkerCausalLMOutputWithPast(
+            logits=logits.clone(), past_key_values=cache, thinker_reply_part=reply
+        )
+
+
+def set_packed_attention(text_config: Any, packed: bool) -> None:
+    """Compiled decode steps attend on the key/value heads, as eager ones do (`cudagraphs.packed_gqa_sdpa`):
+    transformers' own SDPA copies the cache per query head under `torch.compile`."""
+    from ..cudagraphs import ATTENTION_NAME, register_attention
+
+    current = text_config._attn_implementation
+    if packed and current == "sdpa":
+        text_config._attn_implementation_internal = register_attention()
+    elif not packed and current == ATTENTION_NAME:
+        text_config._attn_implementation_internal = "sdpa"
 
 
 def instance_seed(seed: int, instance_id: str) -> int:
@@ -298,13 +418,24 @@ class QwenOmniAdapter(ModelAdapter):
         self._caches: dict[int, tuple[int, Any]] = {}  # batch size -> (max length, StaticCache), reused
         self.static_cache_bucket = STATIC_CACHE_BUCKET
         self.token2wav_batch_size = 1
+        self.talker_compile: Any = "off"
+        self._talker_caches: dict[int, tuple[int, Any]] = {}  # as `_caches`, for the talker
+        self._talker_step: TalkerDecodeStep | None = None
 
-    def set_speech(self, token2wav_batch_size: int = 1) -> None:
-        """Speech fast path (`model.token2wav_batch_size`): token2wav for up to that many rows of equal code
-        length in one call (upstream: one call per row, ~0.9 s each on an H200, launch-bound float32 DiT)."""
+    def set_speech(self, token2wav_batch_size: int = 1, talker_compile: Any = "off") -> None:
+        """Speech fast path. `model.token2wav_batch_size`: token2wav for up to that many rows of equal code
+        length in one call (upstream: one call per row, ~0.9 s each on an H200, launch-bound float32 DiT).
+        `model.talker_compile` (off | cudagraphs | inductor, or a `transformers.CompileConfig` in tests): the
+        talker decodes on its own static cache with its decode step compiled (`TalkerDecodeStep`; upstream: a
+        dynamic cache, eager, ~17 ms per codec token on an H200); `cudagraphs` = the eager kernels replayed."""
         if int(token2wav_batch_size) < 1:
             raise ValueError(f"model.token2wav_batch_size must be >= 1; got {token2wav_batch_size!r}")
+        if isinstance(talker_compile, str) and talker_compile not in COMPILE_MODES:
+            raise ValueError(f"model.talker_compile {talker_compile!r} unknown; expected one of {COMPILE_MODES}")
         self.token2wav_batch_size = int(token2wav_batch_size)
+        if talker_compile != self.talker_compile:
+            self._talker_step = None
+        self.talker_compile = talker_compile
 
     def set_decoding(
         self, cache_implementation: str = "dynamic", compile: Any = "off", static_cache_bucket: int | None = None
@@ -326,6 +457,7 @@ class QwenOmniAdapter(ModelAdapter):
                 raise ValueError(f"model.static_cache_bucket must be >= 16; got {static_cache_bucket!r}")
             if int(static_cache_bucket) != self.static_cache_bucket:
                 self._caches.clear()
+                self._talker_caches.clear()
             self.static_cache_bucket = int(static_cache_bucket)
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
@@ -345,31 +477,26 @@ class QwenOmniAdapter(ModelAdapter):
     def _set_attention(self, packed: bool) -> None:
         """Compiled decode steps attend on the key/value heads, as eager ones do (`cudagraphs.packed_gqa_sdpa`):
         transformers' own SDPA copies the cache per query head under `torch.compile`. Eager: identity."""
-        if self.model is None:
-            return
-        from ..cudagraphs import ATTENTION_NAME, register_attention
+        if self.model is not None:
+            set_packed_attention(self.model.thinker.config.get_text_config(decoder=True), packed)
 
-        cfg = self.model.thinker.config.get_text_config(decoder=True)
-        current = cfg._attn_implementation
-        if packed and current == "sdpa":
-            cfg._attn_implementation_internal = register_attention()
-        elif not packed and current == ATTENTION_NAME:
-            cfg._attn_implementation_internal = "sdpa"
-
-    def _static_cache(self, batch: int, needed: int) -> Any:
-        """One `StaticCache` per batch size, reset and reused while long enough (`needed` rounded up to a multiple
-        of `static_cache_bucket`), so the compiled / CUDA-graph decode step sees the same buffers batch after
-        batch (no re-capture)."""
+    def _static_cache(self, batch: int, needed: int, component: str = "thinker") -> Any:
+        """One `StaticCache` per batch size (and component), reset and reused while long enough (`needed` rounded
+        up to a multiple of `static_cache_bucket`), so the compiled / CUDA-graph decode step sees the same buffers
+        batch after batch (no re-capture)."""
         from transformers import StaticCache
 
-        length, cache = self._caches.get(batch, (0, None))
+        caches = self._talker_caches if component == "talker" else self._caches
+        length, cache = caches.get(batch, (0, None))
         if cache is None or length < needed:
             # rounded up: a prompt a little longer than the last must not re-allocate (and recompile)
             bucket = self.static_cache_bucket
             length = max(bucket, -(-needed // bucket) * bucket)
-            config = self._require().thinker.config.get_text_config(decoder=True)
-            cache = StaticCache(config=config, max_cache_len=length)
-            self._caches[batch] = (length, cache)
+            root = self.decoder_root(component)
+            config = root.config.get_text_config(decoder=True)
+            cls = talker_cache_class() if component == "talker" else StaticCache
+            cache = cls(config=config, max_cache_len=length)
+            caches[batch] = (length, cache)
         else:
             cache.reset()
         return cache
@@ -383,22 +510,29 @@ class QwenOmniAdapter(ModelAdapter):
         if self.cache_implementation == "dynamic":
             return {}
         kw: dict[str, Any] = {"thinker_past_key_values": self._static_cache(batch, needed)}
-        if isinstance(self.compile, str) or speech:
-            if self.compile == "off" or speech:
-                kw["thinker_disable_compile"] = True
-                return kw
-            from transformers import CompileConfig
-
-            if self.compile == "cudagraphs":
-                from ..cudagraphs import register
-
-                cfg = CompileConfig(fullgraph=False, dynamic=False, backend=register(), mode=None)
-            else:
-                cfg = CompileConfig(fullgraph=False, dynamic=False, backend="inductor", mode="reduce-overhead")
-        else:
-            cfg = self.compile
-        kw["thinker_compile_config"] = cfg
+        if self.compile == "off" or speech:
+            kw["thinker_disable_compile"] = True
+            return kw
+        kw["thinker_compile_config"] = _compile_config(self.compile)
         return kw
+
+    @contextlib.contextmanager
+    def _talker_fast_path(self, kw: dict[str, Any], batch: int, needed: int) -> Iterator[None]:
+        """`model.talker_compile`: the talker's static cache in `kw`, `TalkerDecodeStep` as its forward while
+        generating. Not when something else already wraps the talker's forward (e.g. a span tracker)."""
+        talker = self._require().talker
+        if self.talker_compile == "off" or "forward" in vars(talker):
+            yield
+            return
+        if self._talker_step is None:
+            set_packed_attention(talker.config.get_text_config(decoder=True), True)
+            self._talker_step = TalkerDecodeStep(talker, _compile_config(self.talker_compile))
+        kw.update(talker_past_key_values=self._static_cache(batch, needed, "talker"), talker_disable_compile=True)
+        talker.forward = self._talker_step
+        try:
+            yield
+        finally:
+            del talker.forward
 
     # -- loading -------------------------------------------------------------------------------------------
     def load(
@@ -590,7 +724,8 @@ class QwenOmniAdapter(ModelAdapter):
                 for k, v in settings.extra.items():  # other talker_* knobs (top_k, top_p, temperature, ...)
                     if k.startswith("talker_") and k not in kw:
                         kw[k] = v
-                with seed_rows as calls:
+                talker_needed = prompt_len + 2 + int(kw["talker_max_new_tokens"])  # + text bos and first reply row
+                with seed_rows as calls, self._talker_fast_path(kw, batch, talker_needed):
                     sequences, audio = model.generate(**kw)
                 if batched:
                     wavs = token2wav_batched(model.token2wav, calls, row_seeds, self.token2wav_batch_size)

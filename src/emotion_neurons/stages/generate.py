@@ -286,14 +286,15 @@ def load_adapter(model_cfg: dict[str, Any]):
             )
         set_decoding(cache, compile_mode, static_cache_bucket=int(model_cfg.get("static_cache_bucket", 256)))
     t2w_batch = int(model_cfg.get("token2wav_batch_size", 1))
-    if t2w_batch != 1:
+    talker_compile = model_cfg.get("talker_compile", "off")
+    if t2w_batch != 1 or talker_compile != "off":
         set_speech = getattr(adapter, "set_speech", None)
         if set_speech is None:
             raise ValueError(
-                f"model.token2wav_batch_size={t2w_batch}: adapter {model_cfg['adapter']!r} has no batched speech "
-                "decoder; use 1"
+                f"model.token2wav_batch_size={t2w_batch} / model.talker_compile={talker_compile!r}: adapter "
+                f"{model_cfg['adapter']!r} has no speech fast path; use 1 / off"
             )
-        set_speech(t2w_batch)
+        set_speech(t2w_batch, talker_compile)
     return adapter
 
 
