@@ -16,7 +16,9 @@ the table of every goal and writes `results.json` / `results.md` under `--out`:
    embedding table is not read) / device-to-device copy bandwidth measured here; ids and the first steps'
    logits against the eager path.
 3. speech (thinker + talker + token2wav, `want_audio`) seconds per utterance and peak memory per batch size,
-   with token2wav per row (upstream) and batched (`model.token2wav_batch_size`), waves compared row by row.
+   with token2wav per row (upstream) and batched (`model.token2wav_batch_size`), waves compared row by row,
+   with the upstream eager talker and with the compiled one (`--talker-compiles`, `model.talker_compile`;
+   its waves compared with the eager talker's, bitwise).
 4. `model.deterministic` (cuDNN SDPA off) against cuDNN SDPA on: time and ids; plain ids at bs 1 vs 8 vs 32.
 
 Run:        PYTHONPATH=src python bench/gpu_fastpath.py --out DIR

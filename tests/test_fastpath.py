@@ -198,14 +198,18 @@ def test_config_keys_reach_the_adapter(qwen, monkeypatch, tmp_path):
     stub = _Stub()
     monkeypatch.setattr(models, "get_adapter", lambda name: stub)
     load_adapter({"adapter": "qwen2_5_omni", "id": "x", "token2wav_batch_size": 8})
-    assert stub.speech == [8] and stub.calls == []
+    assert stub.speech == [(8, "off")] and stub.calls == []
+    load_adapter({"adapter": "qwen2_5_omni", "id": "x", "talker_compile": "cudagraphs"})
+    assert stub.speech == [(8, "off"), (1, "cudagraphs")]
     with pytest.raises(ValueError, match="token2wav_batch_size must be >= 1"):
         qwen.set_speech(0)
     monkeypatch.setattr(models, "get_adapter", lambda name: ToyAdapter())
     with pytest.raises(ValueError, match="has no fast decoding path"):
         load_adapter({"adapter": "toy", "id": "x", "cache_implementation": "static"})
-    with pytest.raises(ValueError, match="token2wav_batch_size=4: adapter 'toy' has no batched speech"):
+    with pytest.raises(ValueError, match="token2wav_batch_size=4 / model.talker_compile='off': adapter 'toy' has no speech"):
         load_adapter({"adapter": "toy", "id": "x", "token2wav_batch_size": 4})
+    with pytest.raises(ValueError, match="talker_compile='cudagraphs': adapter 'toy' has no speech fast path"):
+        load_adapter({"adapter": "toy", "id": "x", "talker_compile": "cudagraphs"})
 
 
 class _Stub:
@@ -219,8 +223,8 @@ class _Stub:
     def set_decoding(self, cache, compile_mode, static_cache_bucket=None):
         self.calls.append((cache, compile_mode, static_cache_bucket))
 
-    def set_speech(self, token2wav_batch_size):
-        self.speech.append(token2wav_batch_size)
+    def set_speech(self, token2wav_batch_size, talker_compile="off"):
+        self.speech.append((token2wav_batch_size, talker_compile))
 
 
 # -- speech: token2wav batched -----------------------------------------------------------------------------------
