@@ -42,15 +42,17 @@ def test_fingerprint_is_memoised_and_cached_on_disk(tmp_path, monkeypatch):
     reads = []
     real = C._file_digests
 
-    def spy(paths):
+    def spy(paths, stats=None):
         reads.append(len(paths))
-        return real(paths)
+        return real(paths, stats)
 
     monkeypatch.setattr(C, "_file_digests", spy)
     fp = C.dataset_fingerprint(cfg)
     assert C.dataset_fingerprint(cfg) == fp and reads == [14]  # 12 wavs + 2 transcripts; second call in the same process: no walk at all
     cache = json.loads(C._hash_cache_file().read_text())
-    assert len(cache) == 14 and all(len(v[2]) == 64 for v in cache.values())
+    entries = [v for names in cache["dirs"].values() for v in names.values()]
+    assert cache["version"] == C.HASH_CACHE_VERSION
+    assert len(entries) == 14 and all(len(v[2]) == 64 for v in entries)
     # a new process (memo cleared) reuses the on-disk digests: no file is opened for reading
     C.clear_caches()
     opened = []
@@ -63,6 +65,56 @@ def test_fingerprint_is_memoised_and_cached_on_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", spy_open)
     assert C.dataset_fingerprint(cfg) == fp and opened == []
+
+
+def _reference_fingerprint(cfg):
+    """The fingerprint as first defined (issue 8): sorted rglob per speaker, `relative path:sha256` lines.
+    The stage-1 cache keys depend on it, so a faster walk must give the same value."""
+    import hashlib
+    from pathlib import Path
+
+    root, h = Path(cfg["root"]), hashlib.sha256()
+    for spk in sorted({*cfg["ident_speakers"], *cfg["eval_speakers"]}):
+        for f in sorted((root / spk).rglob("*")):
+            if f.is_file() and (f.suffix == ".wav" or f.name == f"{spk}.txt"):
+                h.update(f"{f.relative_to(root)}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def test_fingerprint_matches_the_plain_definition(tmp_path, monkeypatch):
+    cfg = _esd(tmp_path / "esd")
+    # files the walk must skip or order part by part: nested folders, a non-wav, another speaker's transcript
+    (tmp_path / "esd" / "0011" / "Angry" / "deep").mkdir()
+    sf.write(tmp_path / "esd" / "0011" / "Angry" / "deep" / "x.wav", np.zeros(800, np.float32), 16000)
+    (tmp_path / "esd" / "0011" / "Angry" / "notes.txt").write_text("not audio")
+    (tmp_path / "esd" / "0011" / "0016.txt").write_text("not this speaker's")
+    (tmp_path / "esd" / "0011" / "Angry-b").mkdir()
+    sf.write(tmp_path / "esd" / "0011" / "Angry-b" / "y.wav", np.ones(800, np.float32), 16000)
+    assert C.dataset_fingerprint(cfg) == _reference_fingerprint(cfg)
+    monkeypatch.chdir(tmp_path)  # a relative root names the same corpus, so the same fingerprint
+    C.clear_caches()
+    assert C.dataset_fingerprint({**cfg, "root": "esd"}) == _reference_fingerprint(cfg)
+
+
+def test_warm_fingerprint_costs_no_path_objects_per_file(tmp_path, monkeypatch):
+    """17,500 `Path.resolve` and `Path.stat` calls were 4 s of a paper dry run: a warm start needs neither."""
+    import pathlib
+
+    cfg = _esd(tmp_path / "esd")
+    fp = C.dataset_fingerprint(cfg)
+    C.clear_caches()
+    calls = []
+    for name in ("resolve", "stat", "read_bytes"):
+        real = getattr(pathlib.Path, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            calls.append((_name, self))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(pathlib.Path, name, spy)
+    assert C.dataset_fingerprint(cfg) == fp
+    per_file = [c for c in calls if c[1].suffix == ".wav"]
+    assert per_file == [], per_file[:3]
 
 
 def test_emobox_fingerprint_covers_the_audio_files(tmp_path):
