@@ -168,3 +168,65 @@ def test_code_version_parses_the_import_closure_once(monkeypatch):
     for _ in range(50):
         assert C.code_version("aggregate") == v
     assert len(calls) == n
+
+
+def _package_copy(tmp_path, monkeypatch):
+    """A copy of the package to edit: code_version reads the files under config.PACKAGE_DIR."""
+    import shutil
+
+    pkg = tmp_path / "emotion_neurons"
+    shutil.copytree(C.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__", "tiny"))
+    monkeypatch.setattr(C, "PACKAGE_DIR", pkg)
+    C.clear_caches()
+    return pkg
+
+
+def test_result_code_ignores_the_grouping_plumbing_but_not_the_intervention_code(tmp_path, monkeypatch):
+    pkg = _package_copy(tmp_path, monkeypatch)
+
+    def versions():
+        C.clear_caches()
+        return (C.code_version("evaluate", "qwen2_5_omni"), C.code_version("evaluate", "qwen2_5_omni", results_only=True),
+                C.code_version("judge"), C.code_version("judge", results_only=True))
+
+    before = versions()
+    assert pkg / "group.py" in C.stage_files("evaluate", "qwen2_5_omni")  # evaluate does import it
+    with open(pkg / "group.py", "a") as f:
+        f.write("\n# an unrelated edit: a comment in the grouping helpers\n")
+    plumbing = versions()
+    assert plumbing[0] != before[0] and plumbing[2] != before[2]  # the jobs re-run (params change) ...
+    assert plumbing[1] == before[1] and plumbing[3] == before[3]  # ... but the cached results stay valid
+    with open(pkg / "interventions.py", "a") as f:
+        f.write("\n# a related edit: the code that steers the model\n")
+    related = versions()
+    assert related[0] != plumbing[0] and related[1] != plumbing[1]
+    C.clear_caches()
+
+
+def test_group_caches_key_on_the_result_code(tmp_path, monkeypatch):
+    import test_group as tg
+    from toy import ToyAdapter
+
+    from emotion_neurons.stages import evaluate, judge
+
+    monkeypatch.setattr(evaluate, "load_adapter", lambda cfg: (a := ToyAdapter(), a.load(), a)[2])
+    manifest, masks = tg._setup(tmp_path, "ser")
+
+    def run(out, code, result_code):
+        p = {"common": {**tg.COMMON, "task": "ser", "code": code, "result_code": result_code},
+             "conditions": [tg.BASE, tg.STEER]}
+        return evaluate.evaluate_group(p, manifest, masks, 0, 1, 2, str(tmp_path / "cache"), str(tmp_path / out))
+
+    assert run("g1", "full-1", "res-1")["computed"] == 2
+    assert run("g2", "full-2", "res-1")["computed"] == 0  # only the plumbing changed
+    assert run("g3", "full-2", "res-2")["computed"] == 2  # the result code changed
+    conds = [{k: v for k, v in c.items() if k != "mask"} for c in (tg.BASE, tg.STEER)]
+
+    def jrun(out, code, result_code):
+        common = {"task": "ser", "judges": {}, "labels": tg.te.EMOTIONS, "code": code, "result_code": result_code}
+        return judge.judge_group({"common": common, "conditions": conds}, str(tmp_path / "g1"),
+                                 str(tmp_path / "jc"), str(tmp_path / out))
+
+    assert jrun("j1", "full-1", "res-1")["computed"] == 2
+    assert jrun("j2", "full-2", "res-1")["computed"] == 0
+    assert jrun("j3", "full-1", "res-2")["computed"] == 2

@@ -79,20 +79,28 @@ def _adapter_files(adapter: str | None) -> list[Path]:
     return [entry(adapter).file]
 
 
-def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
+#: package modules that only move a stage's results around (grouped jobs: argument parsing, content hashes,
+#: linking cached results; the cache's garbage collector): editing them never changes a result, so the
+#: per-condition result caches key on `code_version(..., results_only=True)`, which leaves them out
+RESULT_NEUTRAL_MODULES: tuple[str, ...] = ("group.py", "cache.py")
+
+
+def stage_files(stage: str, adapter: str | None = None, results_only: bool = False) -> list[Path]:
     """Transitive closure of the package files a stage imports.
 
     Adapters are imported by name at run time: with `adapter` set only that adapter's module counts, so
-    editing one model's adapter never re-runs another model's jobs.
+    editing one model's adapter never re-runs another model's jobs. With `results_only` the
+    `RESULT_NEUTRAL_MODULES` (and what only they import) are left out.
     """
     entry = _module_file(stage_module(stage))
     if entry is None:
         raise KeyError(f"stage {stage!r} has no entry module {stage_module(stage)}; stages: {', '.join(stages())}")
+    neutral = {PACKAGE_DIR / m for m in RESULT_NEUTRAL_MODULES} if results_only else set()
     todo = [entry, PACKAGE_DIR / "__init__.py"]
     seen: set[Path] = set()
     while todo:
         f = todo.pop()
-        if f is None or f in seen:
+        if f is None or f in seen or f in neutral:
             continue
         seen.add(f)
         if f != Path(__file__).resolve():  # this module imports the registry only to compute these hashes
@@ -105,15 +113,16 @@ def stage_files(stage: str, adapter: str | None = None) -> list[Path]:
 
 
 @functools.cache
-def code_version(stage: str, adapter: str | None = None) -> str:
+def code_version(stage: str, adapter: str | None = None, results_only: bool = False) -> str:
     """Hash of the source files a stage runs (Snakemake does not see imported modules on its own).
 
     Computed once per process: Snakemake evaluates every job's params in one process, and re-parsing the
     import closure per job dominated dry runs of large grids (issue 8). Edits made while a run is in
     progress are therefore not seen by that run (the README says not to edit `src/` during a run).
+    `results_only`: the hash of the code a result depends on (see `RESULT_NEUTRAL_MODULES`).
     """
     h = hashlib.sha256()
-    for f in stage_files(stage, adapter):
+    for f in stage_files(stage, adapter, results_only):
         h.update(str(f.relative_to(PACKAGE_DIR) if f.is_relative_to(PACKAGE_DIR) else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]

@@ -309,6 +309,8 @@ def _eval_common(task):
         "component": config["component"],
         "hook_site": config["hook_site"],
         "code": code_version("evaluate", config["model"]["adapter"]),
+        # the per-condition cache key: the code without the grouping plumbing (config.RESULT_NEUTRAL_MODULES)
+        "result_code": code_version("evaluate", config["model"]["adapter"], results_only=True),
     }
 
 
@@ -353,6 +355,7 @@ def _eval_params(task, g):
 def _judge_group_params(task, g):
     common = _judge.params(config, task, None)
     del common["condition"]
+    common["result_code"] = code_version("judge", results_only=True)
     return dumps(
         {
             "common": common,
