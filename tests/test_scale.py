@@ -230,3 +230,76 @@ def test_group_caches_key_on_the_result_code(tmp_path, monkeypatch):
     assert jrun("j1", "full-1", "res-1")["computed"] == 2
     assert jrun("j2", "full-2", "res-1")["computed"] == 0
     assert jrun("j3", "full-1", "res-2")["computed"] == 2
+
+
+def _plant(cache, name, files):
+    for rel, text in files.items():
+        (cache / name / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name / rel).write_text(text)
+    return cache / name
+
+
+def test_cache_gc_removes_exactly_the_entries_no_output_links(tmp_path):
+    """Planted caches: an entry linked from a current output folder (kept), one linked only from a folder of
+    another config (removed), never linked (removed), an unfinished atomic output (kept), params files."""
+    import os
+
+    from emotion_neurons.cache import gc
+
+    ev, jd, params, s1 = (tmp_path / "cache" / n for n in ("eval", "judged", "params", "stage1"))
+    for d in (ev, jd, params, s1):
+        d.mkdir(parents=True)
+    live_e = _plant(ev, "a" * 32, {"outputs.tsv": "x", "wavs/u1.wav": "w"})
+    dead_e = _plant(ev, "b" * 32, {"outputs.tsv": "old", "strata.tsv": "s"})
+    other_e = _plant(ev, "c" * 32, {"outputs.tsv": "other"})
+    tmp_e = _plant(ev, ".d.tmp", {"outputs.tsv": "being written"})
+    (jd / f"{'e' * 32}.tsv").write_text("judged")
+    (jd / f"{'f' * 32}.tsv").write_text("stale judged")
+    run = tmp_path / "run" / "ser" / "eval" / "group-3"
+    (run / "shard-0" / "cond-a" / "wavs").mkdir(parents=True)
+    os.link(live_e / "wavs" / "u1.wav", run / "shard-0" / "cond-a" / "wavs" / "u1.wav")  # one file suffices
+    (run / "judged-0").mkdir()
+    os.link(jd / f"{'e' * 32}.tsv", run / "judged-0" / "cond-a.tsv")
+    elsewhere = tmp_path / "old-run" / "shard-0"
+    elsewhere.mkdir(parents=True)
+    os.link(other_e / "outputs.tsv", elsewhere / "outputs.tsv")
+    (params / "keep.json").write_text("{}")
+    (params / "stale.json").write_text("{}")
+    (s1 / "ser-a-123").mkdir()
+    (s1 / "ser-a-456").mkdir()
+    (s1 / "ser-a-456" / "stats.bin").write_bytes(b"0" * 1000)
+    spec = {"caches": [str(ev), str(jd)], "live": [str(run / "shard-0"), str(run / "judged-0"), str(run / "none")],
+            "params_dir": str(params), "keep_params": ["results/cache/params/keep.json"],
+            "stage1_dir": str(s1), "keep_stage1": ["results/cache/stage1/ser-a-123"]}
+    doomed = {str(dead_e), str(other_e), str(jd / f"{'f' * 32}.tsv"), str(params / "stale.json")}
+    dry = gc(**spec, dry_run=True)
+    assert set(dry["entries"]) == doomed and all(os.path.exists(p) for p in doomed)
+    summary = gc(**spec)
+    assert set(summary["entries"]) == doomed and not any(os.path.exists(p) for p in doomed)
+    assert summary["bytes"] == len("old") + len("s") + len("other") + len("stale judged") + len("{}")
+    assert live_e.is_dir() and tmp_e.is_dir() and (jd / f"{'e' * 32}.tsv").is_file() and (params / "keep.json").is_file()
+    assert (elsewhere / "outputs.tsv").read_text() == "other"  # another run's own link keeps its data
+    assert summary["stage1_unused"] == [str(s1 / "ser-a-456")] and summary["stage1_unused_bytes"] == 1000
+    assert (s1 / "ser-a-456").is_dir()  # stage-1 stores are listed, never removed
+    assert gc(**spec)["removed"] == 0
+
+
+def test_cache_gc_rule_keeps_what_the_current_config_links(tmp_path):
+    """`snakemake cache_gc` with the demo config: the folders and params files it keeps are this config's."""
+    import test_workflow as tw
+
+    cfg = tw.demo_config()
+    wd = tw.make_workdir(tmp_path / "wd")
+    ev, jd = wd / "results" / "cache" / "eval", wd / "results" / "cache" / "judged"
+    live = _plant(ev, "a" * 32, {"outputs.tsv": "x"})
+    dead = _plant(ev, "b" * 32, {"outputs.tsv": "y"})
+    g = next(iter(tw.eval_groups(cfg)))
+    out = wd / "results" / cfg["run_name"] / "ser" / "eval" / f"group-{g}" / "shard-0" / "cond"
+    out.mkdir(parents=True)
+    os.link(live / "outputs.tsv", out / "outputs.tsv")
+    jd.mkdir(parents=True)
+    (jd / f"{'c' * 32}.tsv").write_text("stale")
+    res = tw.snakemake(wd, "cache_gc", "--cores", "1", "--configfile", str(tw.REPO / "config" / "demo-machinery.yaml"))
+    assert "cache_gc: removed 2 entries" in res.stderr, res.stderr[-2000:]
+    assert live.is_dir() and not dead.exists() and not (jd / f"{'c' * 32}.tsv").exists()
+    assert (out / "outputs.tsv").read_text() == "x"
