@@ -300,6 +300,7 @@ def test_cache_gc_rule_keeps_what_the_current_config_links(tmp_path):
     jd.mkdir(parents=True)
     (jd / f"{'c' * 32}.tsv").write_text("stale")
     res = tw.snakemake(wd, "cache_gc", "--cores", "1", "--configfile", str(tw.REPO / "config" / "demo-machinery.yaml"))
-    assert "cache_gc: removed 2 entries" in res.stderr, res.stderr[-2000:]
+    assert "cache_gc: removed 2 entries" in res.stdout + res.stderr, res.stderr[-2000:]
+    assert "cache_gc: removed 2 entries" in (wd / "results" / cfg["run_name"] / "logs" / "cache_gc.log").read_text()
     assert live.is_dir() and not dead.exists() and not (jd / f"{'c' * 32}.tsv").exists()
     assert (out / "outputs.tsv").read_text() == "x"

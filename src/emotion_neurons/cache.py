@@ -11,7 +11,7 @@ working-directory lock (so no job writes the cache meanwhile):
 
     snakemake cache_gc --cores 1 --configfile config.yaml [overlay.yaml]
 
-Low level: `python -m emotion_neurons.cache gc --spec '{"caches": [...], "live": [...], "params_dir": ...,
+Low level: `python -m emotion_neurons.stages.cache_gc --spec '{"caches": [...], "live": [...], "params_dir": ...,
 "keep_params": [...]}' [--dry-run]`. Entries whose results were copied rather than linked (a cache on
 another file system) look unused and are removed: that costs a recomputation, never a wrong result.
 Stage-1 stores are only listed, never removed (they cost GPU hours; delete one by hand when no config
@@ -20,12 +20,9 @@ uses it).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -102,28 +99,3 @@ def gc(
     log.info("cache gc: %s entries, %.1f MB %s", summary["removed"], summary["bytes"] / 1e6,
              "would be removed" if dry_run else "removed")
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m emotion_neurons.cache", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("gc", help="remove result-cache entries no current output folder links")
-    g.add_argument("--spec", required=True, help="JSON {caches, live, params_dir, keep_params, stage1_dir, "
-                                                 "keep_stage1} (or @file)")
-    g.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from .config import load_params
-
-    spec = load_params(a.spec)
-    unknown = sorted(set(spec) - {"caches", "live", "params_dir", "keep_params", "stage1_dir", "keep_stage1"})
-    if unknown or "caches" not in spec or "live" not in spec:
-        raise SystemExit(f"--spec: needs keys caches and live; unknown keys {unknown}")
-    summary = gc(**spec, dry_run=a.dry_run)
-    print(json.dumps({k: v for k, v in summary.items() if k != "entries"}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,8 @@
 # Cache hygiene (emotion_neurons.cache): `snakemake cache_gc --cores 1 --configfile ...` removes the per-condition
 # results (results/cache/eval, results/cache/judged) that no output folder of this config links, and the params
 # files this config's jobs do not use; stage-1 stores this config does not use are listed in the log, not removed.
-# A local `run:` rule: it runs inside Snakemake (which holds the working-directory lock), never as a cluster job.
+# A local rule: it runs on the machine that runs Snakemake (which holds the working-directory lock), never as a
+# cluster job; its log says what it removed.
 
 
 def _gc_spec():
@@ -32,21 +33,9 @@ rule cache_gc:
     localrule: True
     log:
         f"{RUN}/logs/cache_gc.log",
-    run:
-        import logging as _logging
-
-        from emotion_neurons.cache import gc as _gc
-
-        _h = _logging.FileHandler(log[0])
-        _logging.getLogger("emotion_neurons.cache").addHandler(_h)
-        _logging.getLogger("emotion_neurons.cache").setLevel(_logging.INFO)
-        try:
-            _summary = _gc(**_gc_spec())
-        finally:
-            _logging.getLogger("emotion_neurons.cache").removeHandler(_h)
-        print(
-            f"cache_gc: removed {_summary['removed']} entries ({_summary['bytes'] / 1e6:.1f} MB); "
-            f"{len(_summary.get('stage1_unused', []))} stage-1 store(s) not used by this config "
-            f"({_summary.get('stage1_unused_bytes', 0) / 1e9:.2f} GB, kept; see {log[0]})",
-            file=sys.stderr,
-        )
+    conda:
+        "../../envs/core.yaml"
+    params:
+        spec=lambda wc: big_params(dumps(_gc_spec())),
+    shell:
+        "python -m emotion_neurons.stages.cache_gc --spec {params.spec:q} 2>&1 | tee {log}"

@@ -185,9 +185,10 @@ def mask_spec(name):
 
 
 def stage_codes():
-    """Code version of every stage that feeds the report (all but the report itself), derived from stages/."""
+    """Code version of every stage that feeds the report (all but the report itself and the cache's garbage
+    collector), derived from stages/."""
     adapter = config["model"]["adapter"]
-    return {s: code_version(s, adapter) for s in _stages() if s != "report"}
+    return {s: code_version(s, adapter) for s in _stages() if s not in ("report", "cache_gc")}
 
 
 def select_params(name):
