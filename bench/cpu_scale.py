@@ -210,13 +210,18 @@ def bench_dag(work: Path) -> list[dict]:
                 (work / "hash-cache.json").unlink(missing_ok=True)
             cmd = [snakemake, "-n", "--quiet", "rules", "--cores", "2", "--configfile", "config.yaml",
                    str(work / f"{name.replace(' ', '-')}.yaml")]
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             dt = time.perf_counter() - t0
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # CPU seconds of snakemake (one process, mostly one thread): about its wall time on an idle core
+            cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
             jobs = _job_count(res.stdout + res.stderr)
-            rows.append({"what": name, "state": state, "jobs": jobs, "seconds": dt, "corpus_build_s": corpus_s})
+            rows.append({"what": name, "state": state, "jobs": jobs, "seconds": dt, "cpu_s": cpu,
+                         "corpus_build_s": corpus_s})
     return rows
 
 

@@ -7,8 +7,8 @@ Stage-1 store (layout 2), one per shard, one chunk per (instance, span), Blosc-l
   tokens    [I, S]       int64    number of valid positions
 with S = len(SPANS) in SPANS order and attributes naming the instances, model, hook site and code version.
 Counts are all P = K/T needs and compress about 2.5x with a shuffle filter; activation sums are near-random
-bits (about 1.1x), so they are optional: at full size (28 x 18944 x 3 spans) an instance costs about 1.3 MB
-without sums and about 4 MB with float16 sums (bench/RESULTS-cpu-scale.md). Layout-1 stores (int32 counts, float32 sums,
+bits (about 1.1x), so they are optional: at full size (28 x 18944 x 4 spans) an instance costs about 1.6 MB
+without sums and about 5.8 MB with float16 sums (bench/RESULTS-cpu-scale.md). Layout-1 stores (int32 counts, float32 sums,
 one chunk per instance) are still read. These sums are mergeable, so any subset of instances can be
 aggregated later without re-running the model.
 """
