@@ -5,34 +5,10 @@
 # cluster job; its log says what it removed.
 
 
-def _gc_spec():
-    live = [
-        f"{RUN}/{t}/eval/group-{g}/{kind}-{i}"
-        for t in TASKS
-        for g in eval_groups(t)
-        for i in range(n_eval_shards())
-        for kind in ("shard", "judged")
-    ]
-    used = [
-        big_params(text)
-        for t in TASKS
-        for g in eval_groups(t)
-        for text in (_eval_params(t, g), _judge_group_params(t, g))
-    ]
-    return {
-        "caches": [EVAL_CACHE, JUDGED_CACHE],
-        "live": live,
-        "params_dir": PARAMS_CACHE,
-        "keep_params": [p[1:] for p in used if p.startswith("@")],
-        "stage1_dir": CACHE,
-        "keep_stage1": [stage1_dir(t) for t in TASKS],
-    }
-
-
 rule cache_gc:
-    localrule: True
     log:
         f"{RUN}/logs/cache_gc.log",
+    localrule: True
     conda:
         "../../envs/core.yaml"
     params:
