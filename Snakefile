@@ -13,6 +13,7 @@ include: "workflow/rules/generate.smk"
 include: "workflow/rules/filter.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/cache.smk"
 
 
 rule all:

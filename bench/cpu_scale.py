@@ -3,10 +3,11 @@
 Reproduces the rows of issue 8's table with synthetic data of the real shapes, written through the
 project's own writer (`emotion_neurons.stats.InstanceStatsWriter`) and read by its own `aggregate`:
 
-- `store`: bytes per instance of a full-size stage-1 store (Qwen2.5-Omni thinker: 28 x 18944, 3 spans), for
-  each `capture.act_sums` setting. Counts are binomial draws with per-neuron firing probabilities from a
-  Beta(0.7, 1.5) and 125 / 60 / 20 positions per span (a 5-s clip, its prompt, 20 generated tokens), so
-  they compress as real counts do (not as zeros would).
+- `store`: bytes per instance of a full-size stage-1 store (Qwen2.5-Omni thinker: 28 x 18944, one chunk per
+  span of `emotion_neurons.SPANS`), for each `capture.act_sums` setting. Counts are binomial draws with
+  per-neuron firing probabilities from a Beta(0.7, 1.5) and 125 / 60 / 20 / 45 positions per span (a 5-s clip,
+  its prompt, 20 generated tokens, the system prompt), so they compress as real counts do (not as zeros
+  would); the `prefix` counts are the same for every instance, as they are for a fixed system prompt.
 - `aggregate`: time and peak memory of aggregating N kept instances spread over 8 shard stores, with 1
   worker thread and with the default; run once with N = --n and once with N = --n / 4 to show memory does
   not grow with N. Each measurement runs in a fresh process (peak RSS is per process). "warm" = the stores
@@ -39,15 +40,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 L, N = 28, 18944
-SPAN_TOKENS = (125, 60, 20)
+#: positions per span, in SPANS order: a 5-s clip, its prompt, 20 generated tokens, and the system prompt plus
+#: chat template before the audio (`prefix`, about 45 tokens for Qwen2.5-Omni's default system prompt)
+SPAN_TOKENS = {"audio": 125, "text": 60, "generated": 20, "prefix": 45}
 
 
 def synthetic_stats(rng: np.random.Generator, n: int, sums: bool) -> dict[str, np.ndarray]:
+    """Counts of n instances; the `prefix` span's counts are one draw shared by all of them (its positions see
+    no audio under causal attention, so they are identical for every instance of a task, METHOD.md 4)."""
+    from emotion_neurons import SPANS
+
     p = rng.beta(0.7, 1.5, size=(L, N))
-    counts = np.stack([np.stack([rng.binomial(t, p) for t in SPAN_TOKENS]) for _ in range(n)]).astype(np.uint16)
-    out = {"pos_count": counts, "tokens": np.tile(np.array(SPAN_TOKENS, dtype=np.int64), (n, 1))}
+    prefix = rng.binomial(SPAN_TOKENS["prefix"], p) if "prefix" in SPANS else None
+    counts = np.stack([
+        np.stack([prefix if s == "prefix" else rng.binomial(SPAN_TOKENS[s], p) for s in SPANS]) for _ in range(n)
+    ]).astype(np.uint16)
+    toks = np.array([SPAN_TOKENS[s] for s in SPANS], dtype=np.int64)
+    out = {"pos_count": counts, "tokens": np.tile(toks, (n, 1))}
     if sums:
-        scale = np.sqrt(np.array(SPAN_TOKENS, dtype=np.float32))[None, :, None, None]
+        scale = np.sqrt(toks.astype(np.float32))[None, :, None, None]
         out["act_sum"] = (rng.normal(size=counts.shape).astype(np.float32) * scale).astype(np.float32)
     return out
 
@@ -84,13 +95,15 @@ def bench_store(work: Path) -> list[dict]:
 def build_stores(work: Path, n_total: int, shards: int = 8) -> list[Path]:
     """8 shard stores holding n_total instances; 16 distinct synthetic instances are cycled (compression is
     per chunk, so sizes and read costs are those of distinct data)."""
-    from emotion_neurons.stats import InstanceStatsWriter
+    from emotion_neurons import SPANS
+    from emotion_neurons.stats import LAYOUT_VERSION, InstanceStatsWriter
 
-    stamp = work / f"stores-{n_total}.done"
-    paths = [work / f"stores-{n_total}" / f"shard-{s}.zarr" for s in range(shards)]
+    name = f"stores-{n_total}-layout{LAYOUT_VERSION}-{len(SPANS)}spans"  # a layout or span change rebuilds them
+    stamp = work / f"{name}.done"
+    paths = [work / name / f"shard-{s}.zarr" for s in range(shards)]
     if stamp.exists():
         return paths
-    shutil.rmtree(work / f"stores-{n_total}", ignore_errors=True)
+    shutil.rmtree(work / name, ignore_errors=True)
     pool = synthetic_stats(np.random.default_rng(1), 16, sums=False)
     per = -(-n_total // shards)
     for s, path in enumerate(paths):
@@ -118,11 +131,15 @@ def _aggregate_child(args: argparse.Namespace) -> None:
     groups = {e: ids[k::5] for k, e in enumerate(emos)}
     out = Path(args.agg_out)
     shutil.rmtree(out, ignore_errors=True)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     aggregate(stores, groups, ["audio", "text", "generated"], out, workers=args.workers or None)
     dt = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": dt, "peak_rss_MB": rss, "instances": len(ids)}))
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds (all threads) do not depend on what else runs on the machine: on 2 idle cores the wall time
+    # is at least cpu_s / 2, so cpu_s / 2 < 60 is what the goal needs on an idle machine
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(json.dumps({"seconds": dt, "cpu_s": cpu, "peak_rss_MB": r1.ru_maxrss / 1024, "instances": len(ids)}))
 
 
 def bench_aggregate(work: Path, n: int, drop_caches: bool) -> list[dict]:
@@ -193,13 +210,18 @@ def bench_dag(work: Path) -> list[dict]:
                 (work / "hash-cache.json").unlink(missing_ok=True)
             cmd = [snakemake, "-n", "--quiet", "rules", "--cores", "2", "--configfile", "config.yaml",
                    str(work / f"{name.replace(' ', '-')}.yaml")]
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             dt = time.perf_counter() - t0
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # CPU seconds of snakemake (one process, mostly one thread): about its wall time on an idle core
+            cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
             jobs = _job_count(res.stdout + res.stderr)
-            rows.append({"what": name, "state": state, "jobs": jobs, "seconds": dt, "corpus_build_s": corpus_s})
+            rows.append({"what": name, "state": state, "jobs": jobs, "seconds": dt, "cpu_s": cpu,
+                         "corpus_build_s": corpus_s})
     return rows
 
 
@@ -244,7 +266,9 @@ def main() -> int:
     only = a.only.split(",")
     sections = []
     if "store" in only:
-        sections.append(("Stage-1 store per instance (28 x 18944 x 3 spans)", table(bench_store(work))))
+        from emotion_neurons import SPANS
+
+        sections.append((f"Stage-1 store per instance (28 x 18944 x {len(SPANS)} spans)", table(bench_store(work))))
         print(sections[-1][1], flush=True)
     if "aggregate" in only:
         sections.append((f"Aggregation ({a.n // 4} and {a.n} instances, 8 stores, counts only)",

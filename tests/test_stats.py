@@ -187,3 +187,44 @@ def test_parallel_aggregate_matches_numpy_on_many_stores(tmp_path, workers):
         T = sum(data[i]["tokens"][sidx].sum() for i in groups[emo])
         np.testing.assert_array_equal(arrays["K"][e], K)
         assert arrays["T"][e] == T
+
+
+def test_direct_chunk_reads_equal_zarr_reads_and_numpy(tmp_path):
+    """The direct chunk reader (issue 8: zarr's per-chunk cost bound aggregation) sums exactly what zarr reads,
+    including instances whose chunks zarr never wrote (all-zero counts equal the fill value)."""
+    from emotion_neurons import stats
+
+    rng = np.random.default_rng(11)
+    st = _stats(rng, 6)
+    st["pos_count"][2] = 0  # every span of one instance empty: no chunk files for it
+    st["pos_count"][4, 1] = 0
+    ids = [f"i{k}" for k in range(6)]
+    _write(tmp_path / "s.zarr", ids, st, act_sums="float16")
+    store = open_store(tmp_path / "s.zarr")
+    chunk = tmp_path / "s.zarr" / "pos_count" / "c"
+    assert (chunk / "0" / "0" / "0" / "0").is_file() and not (chunk / "2" / "0" / "0" / "0").exists()
+    assert stats._direct_chunks(store["pos_count"]) is not None
+    assert stats._direct_chunks(store["act_sum"]) is not None
+    groups = {"angry": ["i0", "i2", "i4"], "sad": ["i1", "i5", "i3"]}
+    spans = ["audio", "text", "generated"]
+    aggregate([tmp_path / "s.zarr"], groups, spans, tmp_path / "d.zarr")
+    aggregate([tmp_path / "s.zarr"], groups, spans, tmp_path / "z.zarr", direct=False)
+    d, _ = load_aggregate(tmp_path / "d.zarr")
+    z, _ = load_aggregate(tmp_path / "z.zarr")
+    sidx = [SPANS.index(s) for s in spans]
+    for e, emo in enumerate(groups):
+        rows = [ids.index(i) for i in groups[emo]]
+        np.testing.assert_array_equal(d["K"][e], st["pos_count"][rows][:, sidx].astype(np.int64).sum((0, 1)))
+    for k in ("K", "T", "P", "M"):
+        np.testing.assert_array_equal(d[k], z[k])
+
+
+def test_direct_reader_refuses_other_layouts(tmp_path):
+    import zarr
+
+    from emotion_neurons import stats
+
+    g = zarr.open_group(tmp_path / "o.zarr", mode="w", zarr_format=3)
+    a = g.create_array("pos_count", shape=(2, len(SPANS), L, N), chunks=(1, len(SPANS), L, N), dtype="int32")
+    b = g.create_array("b", shape=(2, len(SPANS), L, N), chunks=(1, 1, L, N), dtype="uint16", fill_value=3)
+    assert stats._direct_chunks(a) is None and stats._direct_chunks(b) is None

@@ -53,6 +53,16 @@ def link_tree(src: Path, dst: Path) -> None:
             link_tree(f, dst / f.relative_to(src))
 
 
+def result_params(cp: dict[str, Any]) -> dict[str, Any]:
+    """The params a condition's cached result is keyed on: with a `result_code` (the code hash without the
+    modules that never change a result, `config.RESULT_NEUTRAL_MODULES`), the full hash `code` is left out,
+    so an edit to the grouping plumbing re-runs the group jobs (their params change) but recomputes nothing.
+    """
+    if "result_code" not in cp:
+        return cp
+    return {k: v for k, v in cp.items() if k != "code"}
+
+
 def check_unique(conds: list[dict[str, Any]], where: str) -> None:
     ids = [c["condition"] for c in conds]
     dup = sorted({i for i in ids if ids.count(i) > 1})

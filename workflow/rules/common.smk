@@ -185,9 +185,14 @@ def mask_spec(name):
 
 
 def stage_codes():
-    """Code version of every stage that feeds the report (all but the report itself), derived from stages/."""
+    """Code version of every stage that feeds the report (all but the report itself and the cache's garbage
+    collector), derived from stages/."""
     adapter = config["model"]["adapter"]
-    return {s: code_version(s, adapter) for s in _stages() if s != "report"}
+    return {
+        s: code_version(s, adapter)
+        for s in _stages()
+        if s not in ("report", "cache_gc")
+    }
 
 
 def select_params(name):
@@ -309,6 +314,10 @@ def _eval_common(task):
         "component": config["component"],
         "hook_site": config["hook_site"],
         "code": code_version("evaluate", config["model"]["adapter"]),
+        # the per-condition cache key: the code without the grouping plumbing (config.RESULT_NEUTRAL_MODULES)
+        "result_code": code_version(
+            "evaluate", config["model"]["adapter"], results_only=True
+        ),
     }
 
 
@@ -353,6 +362,7 @@ def _eval_params(task, g):
 def _judge_group_params(task, g):
     common = _judge.params(config, task, None)
     del common["condition"]
+    common["result_code"] = code_version("judge", results_only=True)
     return dumps(
         {
             "common": common,
@@ -386,3 +396,28 @@ def judged_files(task, ident=None):
 
 def ident_judged_dirs(task, ident):
     return sorted({str(Path(f).parent) for f in judged_files(task, ident)})
+
+
+# cache hygiene (the cache_gc target, emotion_neurons.cache) - what the outputs and jobs of this config use
+def _gc_spec():
+    live = [
+        f"{RUN}/{t}/eval/group-{g}/{kind}-{i}"
+        for t in TASKS
+        for g in eval_groups(t)
+        for i in range(n_eval_shards())
+        for kind in ("shard", "judged")
+    ]
+    used = [
+        big_params(text)
+        for t in TASKS
+        for g in eval_groups(t)
+        for text in (_eval_params(t, g), _judge_group_params(t, g))
+    ]
+    return {
+        "caches": [EVAL_CACHE, JUDGED_CACHE],
+        "live": live,
+        "params_dir": PARAMS_CACHE,
+        "keep_params": [p[1:] for p in used if p.startswith("@")],
+        "stage1_dir": CACHE,
+        "keep_stage1": [stage1_dir(t) for t in TASKS],
+    }

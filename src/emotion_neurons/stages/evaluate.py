@@ -227,7 +227,7 @@ def evaluate_group(
     (and, for interventions that need M, the aggregate `<source_task>/aggregate/<ident>.zarr`) are relative to
     `run_dir`."""
     from ..config import dumps, short_hash
-    from ..group import check_unique, file_sha, link_tree
+    from ..group import check_unique, file_sha, link_tree, result_params
     from ..interventions import INTERVENTIONS
 
     conds = p["conditions"]
@@ -245,7 +245,7 @@ def evaluate_group(
             if mask and not Path(mask).exists():
                 raise FileNotFoundError(f"condition {cond['condition']!r}: its mask {mask} does not exist")
             key = short_hash(
-                {"params": cp, "mask": file_sha(mask) if mask else "", "manifest": manifest_sha, "shard": shard,
+                {"params": result_params(cp), "mask": file_sha(mask) if mask else "", "manifest": manifest_sha, "shard": shard,
                  "n_shards": n_shards, "batch_size": batch_size}, 32,
             )
             hit = Path(cache) / key

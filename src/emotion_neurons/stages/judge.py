@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None, evc: EvcJudge | None = None) -> int:
 def judge_group(p: dict[str, Any], evaluated: str, cache: str, out: str) -> dict[str, int]:
     """Judge `evaluated/<condition>/outputs.tsv` of every condition into `out/<condition>.tsv`."""
     from ..config import dumps, short_hash
-    from ..group import check_unique, link_tree, tree_sha
+    from ..group import check_unique, link_tree, result_params, tree_sha
     from ..io import atomic_dir
 
     conds = p["conditions"]
@@ -225,7 +225,7 @@ def judge_group(p: dict[str, Any], evaluated: str, cache: str, out: str) -> dict
             src = Path(evaluated) / cond["condition"]
             if not (src / "outputs.tsv").exists():
                 raise FileNotFoundError(f"condition {cond['condition']!r}: {src}/outputs.tsv does not exist")
-            hit = Path(cache) / f"{short_hash({'params': cp, 'evaluated': tree_sha(src)}, 32)}.tsv"
+            hit = Path(cache) / f"{short_hash({'params': result_params(cp), 'evaluated': tree_sha(src)}, 32)}.tsv"
             if hit.is_file():
                 n["cached"] += 1
             else:
