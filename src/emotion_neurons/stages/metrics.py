@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import pandas as pd
 
 from .. import effects as metrics
 from ..config import load_params
-from ..io import read_table, write_table
+from ..io import read_table, write_tables
 from .filter import decide
 
 log = logging.getLogger(__name__)
@@ -78,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         p["task"], judged, p.get("wer_max"), int(p.get("bootstrap", 1000)), int(p.get("seed", 0)),
         float(p.get("ci", 0.95)),
     )
-    out = Path(a.outdir)
-    for name, df in tables.items():
-        write_table(out / f"{name}.tsv", df)
-    log.info("wrote %s", sorted(tables))
+    write_tables(a.outdir, tables)
     return 0
 
 
