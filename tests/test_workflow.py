@@ -154,17 +154,13 @@ def test_dry_run_of_cross_dataset_transfer(tmp_path):
     """transfer.datasets: a pair adds only its jobs. A target-only dataset gets stage 0 (its evaluation
     manifest), the evaluation of the source's masks and one metrics job per task, no identification; making it
     a source too adds its stages 1-3 and masks and evaluates them on the task's own dataset."""
-    from emotion_neurons import conditions
     from emotion_neurons.tiny.__main__ import build_all
 
     build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
     wd = make_workdir(tmp_path / "wd")
     base = planned(wd, ESD_B)
     one = planned(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"]]}})
-    cfg = demo_config(ESD_B)
-    xfer = [conditions.grid(cfg["select"], cfg["evaluate"])[0]] + conditions.dataset_transfer_grid(
-        cfg["select"], cfg["evaluate"], cfg["filter"], "ser", "esd", "ser")
-    n_groups = len(conditions.groups(xfer, cfg["evaluate"]["groups"]))
+    n_groups = target_groups()
     assert {k: one[k] for k in IDENT_RULES} == {k: base[k] for k in IDENT_RULES}
     assert one["prepare"] == base["prepare"] + 2  # esd_b's manifest, per task
     assert one["evaluate"] == one["judge_eval"] == base["evaluate"] + 2 * n_groups
@@ -187,6 +183,16 @@ def test_dry_run_of_cross_dataset_transfer(tmp_path):
     res = snakemake(wd, "-n", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
                     *_overlays(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_c"]]}}), check=False)
     assert res.returncode != 0 and "transfer.datasets[0]" in res.stdout + res.stderr and "esd_c" in res.stdout + res.stderr
+
+
+def target_groups() -> int:
+    """Evaluation groups per task of a target-only transfer dataset: its baseline and esd's masks."""
+    from emotion_neurons import conditions
+
+    cfg = demo_config(ESD_B)
+    xfer = [conditions.grid(cfg["select"], cfg["evaluate"])[0]] + conditions.dataset_transfer_grid(
+        cfg["select"], cfg["evaluate"], cfg["filter"], "ser", "esd", "ser")
+    return len(conditions.groups(xfer, cfg["evaluate"]["groups"]))
 
 
 def _overlays(wd: Path, *overlays: dict) -> list[str]:
@@ -309,6 +315,16 @@ def test_new_c_and_filtering_add_only_their_identification_jobs(demo_run):
     # per task: one new setting (c2-unfiltered) with its own filter, aggregate, masks and metrics
     assert jobs["filter"] == jobs["aggregate"] == 2 and jobs["select"] == 2 * 4 and jobs["random_control"] == 2 * 8
     assert jobs["evaluate"] == 2 * changed_groups({"filter": {"c": [3, 2]}})
+
+
+@pytest.mark.slow
+def test_new_transfer_pair_adds_only_its_jobs(demo_run):
+    """A target-only transfer dataset on a finished run: its stage 0 and evaluation, their metrics and the
+    tables after them; no identification job, and none of the tasks' own evaluation re-runs."""
+    jobs = planned(demo_run, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"]]}})
+    assert set(jobs) == {"prepare", "evaluate", "judge_eval", "metrics_ident", "sweep", "report", "all"}
+    assert jobs["prepare"] == 2 and jobs["metrics_ident"] == 2 and jobs["sweep"] == 2
+    assert jobs["evaluate"] == jobs["judge_eval"] == 2 * target_groups()
 
 
 @pytest.mark.slow

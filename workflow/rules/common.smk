@@ -229,11 +229,14 @@ def metric_idents(task):
 
 
 def dataset_transfer_spec(task):
-    """What the sweep of `task` needs for metrics/dataset_transfer.tsv: per pair, the metrics folder of its
-    setting (the task's own primary one for its dataset with itself), and the selector masks (primary setting)
+    """What the sweep of `task` needs for metrics/dataset_transfer.tsv: per pair (and the task's own dataset
+    with itself), the metrics folder of its setting (the task's own primary one for its dataset with itself),
+    and the selector masks (primary setting)
     of every dataset the task identifies on (its own and each pair's source), for the mask overlap."""
     pairs = []
-    for src, tgt in DATASET_PAIRS:
+    own = UNITS[task][1]
+    # the task's own dataset with itself (its in-dataset numbers, no extra job) is the matrix's diagonal
+    for src, tgt in dict.fromkeys([*DATASET_PAIRS, (own, own)]):
         unit = unit_of(task, tgt)
         ident = PRIMARY if src == tgt and unit == task else _cond.dataset_ident(src, PRIMARY)
         pairs.append({"source": src, "target": tgt, "dir": f"{RUN}/{unit}/metrics-by-ident/{ident}"})

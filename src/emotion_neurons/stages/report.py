@@ -57,7 +57,9 @@ def _png(fig: Any, alt: str) -> str:
 
 
 def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    return df.to_html(index=False, float_format=lambda x: floatfmt.format(x), border=0, classes="t", escape=True)
+    # a missing value (no random control for a selector row, no seed sd for one seed) is an empty cell, not "NaN"
+    return df.to_html(index=False, float_format=lambda x: floatfmt.format(x), border=0, classes="t", escape=True,
+                      na_rep="")
 
 
 def fmt_ci(value: float, lo: float | None, hi: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -532,7 +534,11 @@ def dataset_transfer(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
     d, v, lo, hi, ylab = _main_rows(task, {_main_key(task): t})
     if d is None or d.empty:
         return absent(fid, title, "the dataset_transfer table has no per-selector effects")
-    d = d.assign(_setting=[label(r) for r in d.to_dict("records")])
+    # each selector setting followed by its matched random control
+    d = d.assign(_setting=[label(r) for r in d.to_dict("records")],
+                 _owner=[str(r["control_of"]) if r["selector"] == "random" else str(r["selector"]) for r in d.to_dict("records")],
+                 _rand=d["selector"].eq("random"))
+    d = d.sort_values(["_owner", "r", "intervention", "alpha", "_rand"], kind="stable")
     parts = []
     for setting, g in d.groupby("_setting", sort=False):
         m = g.assign(_c=[_cell(r, v, lo, hi) for r in g.to_dict("records")]).pivot_table(
