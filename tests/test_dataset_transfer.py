@@ -173,3 +173,25 @@ def test_transfer_rows_stay_out_of_the_sweeps_and_task_transfer(tmp_path):
 def test_report_says_why_without_pairs():
     sec = report.dataset_transfer("ser", {})
     assert "transfer.datasets lists no" in sec and "absent" in sec
+
+
+def test_evc_pairs_take_the_deltas_and_the_overlap_by_target(tmp_path):
+    """EVC: the by-selector deltas of each pair; a target emotion's row gets that emotion's mask overlap and the
+    pooled row (`all`) the mean over emotions; the report's matrix shows the target-accuracy delta in points."""
+    masks = {"esd": _masks(tmp_path, "esd", [0, 1, 2], [0]), "esd_b": _masks(tmp_path, "esd_b", [1, 2, 3], [0])}
+    pairs = []
+    for src, tgt, delta in (("esd", "esd_b", 0.25), ("esd_b", "esd", -0.5)):
+        d = tmp_path / f"{src}-{tgt}"
+        write_table(d / "deltas_by_selector.tsv", pd.DataFrame([
+            {"condition": "x", "selector": "cas", "r": 0.05, "intervention": "steer", "alpha": 1.0, "mask_seed": 0,
+             "control_of": "", "target": tgt_e, "metric": "target_acc", "n": 8, "value": 0.5, "baseline": 0.25,
+             "delta": delta, "ci_lo": delta - 0.1, "ci_hi": delta + 0.1, "n_seeds": 1, "delta_seed_sd": np.nan}
+            for tgt_e in ("angry", "sad", "all")]))
+        pairs.append({"source": src, "target": tgt, "dir": str(d)})
+    out = sweep.dataset_transfer("evc", {"ident": "c3-unfiltered", "pairs": pairs, "masks": masks})
+    t = out["dataset_transfer"].set_index(["source_dataset", "target"])
+    assert t.loc[("esd", "angry"), "jaccard"] == pytest.approx(0.5)
+    assert t.loc[("esd", "sad"), "jaccard"] == pytest.approx(1.0)
+    assert t.loc[("esd_b", "all"), "jaccard"] == pytest.approx(0.75)
+    sec = report.dataset_transfer("evc", out)
+    assert "masks from esd_b" in sec and "25 [15, 35]" in sec and "-50 [-60, -40]" in sec
