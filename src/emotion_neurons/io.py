@@ -102,15 +102,6 @@ def write_table(path: str | os.PathLike, df) -> None:
         df.to_csv(tmp, sep="\t", index=False)
 
 
-def write_tables(outdir: str | os.PathLike, tables: dict) -> None:
-    """Write each named DataFrame as `<outdir>/<name>.tsv` (the tail of every stage that emits tables)."""
-    import logging
-
-    for name, df in tables.items():
-        write_table(Path(outdir) / f"{name}.tsv", df)
-    logging.getLogger(__name__).info("wrote %s to %s", sorted(tables), outdir)
-
-
 def read_table(path: str | os.PathLike):
     import pandas as pd
 

@@ -368,6 +368,12 @@ def group_conditions(task, g):
         ) from None
 
 
+def aggregate_of(c):
+    """The stage-3 aggregate (under the run folder) whose M a condition's intervention reads: its own
+    `aggregate` (a cross-dataset condition), else its source task's of its identification setting."""
+    return c.get("aggregate") or f"{c['source_task']}/aggregate/{c['ident']}"
+
+
 def eval_inputs(wc):
     conds = group_conditions(wc.task, wc.group)
     return {
@@ -376,7 +382,7 @@ def eval_inputs(wc):
         # erase reads M of its identification setting's stage-3 aggregate
         "aggregates": sorted(
             {
-                f"{RUN}/{c.get('aggregate') or c['source_task'] + '/aggregate/' + c['ident']}.zarr"
+                f"{RUN}/{aggregate_of(c)}.zarr"
                 for c in conds
                 if _iv.INTERVENTIONS[c["intervention"]].needs_means
             }
@@ -474,3 +480,31 @@ def judged_files(task, ident=None):
 
 def ident_judged_dirs(task, ident):
     return sorted({str(Path(f).parent) for f in judged_files(task, ident)})
+
+
+def sweep_inputs(wc):
+    """The sweep's metrics folders (`idents`, in metric_idents order) and, with transfer.datasets, the pairs'
+    metrics folders and the masks whose overlap it computes."""
+    out = {
+        "idents": [
+            f"{RUN}/{wc.task}/metrics-by-ident/{i['ident']}"
+            for i in metric_idents(wc.task)
+        ]
+    }
+    if DATASET_PAIRS:  # metrics/dataset_transfer.tsv: each pair's metrics and the masks compared
+        spec = dataset_transfer_spec(wc.task)
+        out["transfer"] = sorted({p["dir"] for p in spec["pairs"]})
+        out["masks"] = sorted({f for ms in spec["masks"].values() for f in ms.values()})
+    return out
+
+
+def sweep_params(wc):
+    """The sweep's params; `datasets` only with transfer.datasets, so runs without pairs keep theirs."""
+    p = {
+        "task": utask(wc.task),
+        "idents": metric_idents(wc.task),
+        "code": code_version("sweep"),
+    }
+    if DATASET_PAIRS:
+        p["datasets"] = dataset_transfer_spec(wc.task)
+    return dumps(p)

@@ -139,31 +139,6 @@ rule metrics_ident:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.metrics --params {params.p:q} --judged {params.judged} --outdir {output} > {log} 2>&1"
 
 
-def sweep_inputs(wc):
-    out = {
-        "idents": [
-            f"{RUN}/{wc.task}/metrics-by-ident/{i['ident']}"
-            for i in metric_idents(wc.task)
-        ]
-    }
-    if DATASET_PAIRS:  # metrics/dataset_transfer.tsv: each pair's metrics and the masks compared
-        spec = dataset_transfer_spec(wc.task)
-        out["transfer"] = sorted({p["dir"] for p in spec["pairs"]})
-        out["masks"] = sorted({f for ms in spec["masks"].values() for f in ms.values()})
-    return out
-
-
-def sweep_params(wc):
-    p = {
-        "task": utask(wc.task),
-        "idents": metric_idents(wc.task),
-        "code": code_version("sweep"),
-    }
-    if DATASET_PAIRS:
-        p["datasets"] = dataset_transfer_spec(wc.task)
-    return dumps(p)
-
-
 # every setting's tables side by side (columns ident, c, filtered) plus the c sweep, the filtering ablation and
 # the transfer tables
 rule sweep:

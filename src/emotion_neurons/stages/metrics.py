@@ -5,18 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import pandas as pd
 
 from .. import effects as metrics
 from ..config import load_params
-from ..io import read_table, write_tables
+from ..io import read_table, write_table
 from .filter import decide
 
 log = logging.getLogger(__name__)
 
 #: Columns of a judged EVC table that the summary needs beyond the metrics themselves.
 EVC_JUDGED_COLS: tuple[str, ...] = ("wer_edits", "ref_words")
+
+
+def write_tables(outdir: str | Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Write each named table as `<outdir>/<name>.tsv` (the tail of the metrics and sweep stages)."""
+    for name, df in tables.items():
+        write_table(Path(outdir) / f"{name}.tsv", df)
+    log.info("wrote %s to %s", sorted(tables), outdir)
 
 
 def check_judged(judged: pd.DataFrame, where: str) -> None:

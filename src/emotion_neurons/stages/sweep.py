@@ -29,7 +29,8 @@ import pandas as pd
 
 from ..conditions import mask_name
 from ..config import load_params
-from ..io import read_table, write_tables
+from ..io import read_table
+from .metrics import write_tables
 
 log = logging.getLogger(__name__)
 
