@@ -243,3 +243,17 @@ def test_task_transfer_section(tmp_path):
     sec = _section(report.build(params, tmp_path / "b.html"), "ser-transfer-task")
     # cas r=0.05 deactivate: ESS 15 - 4 = 11, interval unshifted
     assert "Not shown" not in sec and "<td>11 [12, 18]</td>" in sec and "<td>evc</td>" in sec
+
+
+def test_skipped_input_listed_once_in_provenance(tmp_path):
+    """Stage 0's skipped input appears in one place (provenance), its counts for every task and transfer
+    dataset, the file list collapsed: before, a counts table above the task sections repeated the listing."""
+    params = make_run(tmp_path)
+    stage1 = params["stage1"]
+    params["data_tables"] = {t: [f"{d}/bad_audio.tsv", f"{d}/warnings.tsv"] for t, d in stage1.items()}
+    page = report.build(params, tmp_path / "results" / "demo" / "report.html")
+    assert page.count("Input skipped or warned about") == 1
+    assert page.index("Input skipped or warned about") > page.index("id='provenance'")
+    prov = page[page.index("id='provenance'"):page.index("id='raw'")]
+    assert "<td>ser</td>" in prov and "<td>evc</td>" in prov  # the counts table
+    assert prov.count("1 file(s) skipped.") == 2 and prov.count("/data/broken0.wav") == 2

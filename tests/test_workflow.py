@@ -141,6 +141,69 @@ def test_dry_run_of_cross_task_transfer(tmp_path):
     assert res.returncode != 0 and "surprise" in res.stdout + res.stderr and "tasks.ser.labels" in res.stdout + res.stderr
 
 
+#: The transfer corpus at machinery size (demo.yaml names the full one), as an overlay of demo-machinery.yaml.
+ESD_B = {"datasets": {"esd_b": {
+    "format": "esd", "root": ".tiny/esd_b",
+    "emotions": {"Neutral": "neutral", "Angry": "angry", "Happy": "happy", "Sad": "sad", "Surprise": "surprise"},
+    "ident_speakers": ["0031", "0032", "0033"], "eval_speakers": ["0036", "0037"], "max_utterances_per_emotion": 4}}}
+#: Rules that identify (stages 1-3 and the masks): a dataset that is only a transfer target needs none of them.
+IDENT_RULES = ("generate", "judge_ident", "filter", "aggregate", "select", "random_control")
+
+
+def test_dry_run_of_cross_dataset_transfer(tmp_path):
+    """transfer.datasets: a pair adds only its jobs. A target-only dataset gets stage 0 (its evaluation
+    manifest), the evaluation of the source's masks and one metrics job per task, no identification; making it
+    a source too adds its stages 1-3 and masks and evaluates them on the task's own dataset."""
+    from emotion_neurons.tiny.__main__ import build_all
+
+    build_all(REPO / ".tiny", seeds=())  # the machinery runs need no trained miniature
+    wd = make_workdir(tmp_path / "wd")
+    base = planned(wd, ESD_B)
+    one = planned(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"]]}})
+    n_groups = target_groups()
+    assert {k: one[k] for k in IDENT_RULES} == {k: base[k] for k in IDENT_RULES}
+    assert one["prepare"] == base["prepare"] + 2  # esd_b's manifest, per task
+    assert one["evaluate"] == one["judge_eval"] == base["evaluate"] + 2 * n_groups
+    assert one["metrics_ident"] == base["metrics_ident"] + 2 and one["sweep"] == base["sweep"] == 2
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
+                    *_overlays(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"]]}})).stdout
+    assert "results/demo/ser.esd_b/metrics-by-ident/data-esd-c3-unfiltered" in out
+    assert "data-esd-c3-unfiltered-cas-r0.05-deactivate" in out and "ser/masks/c3-unfiltered/cas-r0.05" in out
+    assert "ser.esd_b/masks" not in out  # esd_b is not identified
+    # the reverse pair as well: esd_b is identified (stages 1-3, masks), its masks evaluated on esd
+    two = planned(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"], ["esd_b", "esd"]]}})
+    assert two["prepare"] == one["prepare"]
+    for rule in IDENT_RULES:
+        assert two[rule] == 2 * base[rule], rule  # the same identification jobs again, on esd_b
+    assert two["metrics_ident"] == one["metrics_ident"] + 2 and two["sweep"] == 2 and two["report"] == 1
+    out = snakemake(wd, "-n", "-p", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
+                    *_overlays(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"], ["esd_b", "esd"]]}})).stdout
+    assert "ser.esd_b/masks/c3-unfiltered/cas-r0.05" in out and "results/demo/ser/metrics-by-ident/data-esd_b-c3-unfiltered" in out
+    # names are checked against datasets: with the key named
+    res = snakemake(wd, "-n", "--configfile", str(REPO / "config" / "demo-machinery.yaml"),
+                    *_overlays(wd, ESD_B, {"transfer": {"datasets": [["esd", "esd_c"]]}}), check=False)
+    assert res.returncode != 0 and "transfer.datasets[0]" in res.stdout + res.stderr and "esd_c" in res.stdout + res.stderr
+
+
+def target_groups() -> int:
+    """Evaluation groups per task of a target-only transfer dataset: its baseline and esd's masks."""
+    from emotion_neurons import conditions
+
+    cfg = demo_config(ESD_B)
+    xfer = [conditions.grid(cfg["select"], cfg["evaluate"])[0]] + conditions.dataset_transfer_grid(
+        cfg["select"], cfg["evaluate"], cfg["filter"], "ser", "esd", "ser")
+    return len(conditions.groups(xfer, cfg["evaluate"]["groups"]))
+
+
+def _overlays(wd: Path, *overlays: dict) -> list[str]:
+    files = []
+    for i, o in enumerate(overlays):
+        f = wd / f"extra{i}.yaml"
+        f.write_text(yaml.safe_dump(o))
+        files.append(str(f))
+    return files
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from emotion_neurons.tiny.__main__ import build_all
@@ -252,6 +315,16 @@ def test_new_c_and_filtering_add_only_their_identification_jobs(demo_run):
     # per task: one new setting (c2-unfiltered) with its own filter, aggregate, masks and metrics
     assert jobs["filter"] == jobs["aggregate"] == 2 and jobs["select"] == 2 * 4 and jobs["random_control"] == 2 * 8
     assert jobs["evaluate"] == 2 * changed_groups({"filter": {"c": [3, 2]}})
+
+
+@pytest.mark.slow
+def test_new_transfer_pair_adds_only_its_jobs(demo_run):
+    """A target-only transfer dataset on a finished run: its stage 0 and evaluation, their metrics and the
+    tables after them; no identification job, and none of the tasks' own evaluation re-runs."""
+    jobs = planned(demo_run, ESD_B, {"transfer": {"datasets": [["esd", "esd_b"]]}})
+    assert set(jobs) == {"prepare", "evaluate", "judge_eval", "metrics_ident", "sweep", "report", "all"}
+    assert jobs["prepare"] == 2 and jobs["metrics_ident"] == 2 and jobs["sweep"] == 2
+    assert jobs["evaluate"] == jobs["judge_eval"] == 2 * target_groups()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 BASELINE: dict[str, Any] = {
@@ -149,4 +150,62 @@ def transfer_grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_c
         out.append({**cond, "condition": f"{ident}-{cond['condition']}",
                     "mask": f"{source_task}/masks/{src['ident']}/{cond['mask']}", **src, "ident": ident,
                     "source_task": source_task})
+    return out
+
+
+#: Dataset names a transfer pair may use: they become part of folder and condition names (`ser.esd_b`,
+#: `data-esd_b-c50-filtered-...`), so no `-` (the field separator) and no `.` (the unit separator).
+_DATASET_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def dataset_pairs(transfer_cfg: dict[str, Any] | None, datasets: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (source, target) pairs of `transfer.datasets`: masks identified on the source's identification split,
+    evaluated on the target's evaluation split. Names are checked against `datasets:`; a pair listed twice is
+    an error (it would evaluate the same conditions twice)."""
+    raw = (transfer_cfg or {}).get("datasets") or []
+    out: list[tuple[str, str]] = []
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"transfer.datasets[{i}]: a pair is [source, target], got {pair!r}")
+        for name in pair:
+            if name not in datasets:
+                raise ValueError(
+                    f"transfer.datasets[{i}] names dataset {name!r}, which is not under datasets: "
+                    f"(known: {sorted(datasets)})"
+                )
+            if not _DATASET_NAME.fullmatch(str(name)):
+                raise ValueError(
+                    f"transfer.datasets[{i}]: dataset name {name!r} may hold only letters, digits and '_' "
+                    "(it becomes part of folder and condition names)"
+                )
+        p = (str(pair[0]), str(pair[1]))
+        if p in out:
+            raise ValueError(f"transfer.datasets lists the pair {list(p)} twice")
+        out.append(p)
+    return out
+
+
+def dataset_ident(source: str, setting: str) -> str:
+    """`data-<source>-<setting>`: the identification setting of masks taken from dataset `source`."""
+    return f"data-{source}-{setting}"
+
+
+def dataset_transfer_grid(select_cfg: dict[str, Any], eval_cfg: dict[str, Any], filter_cfg: dict[str, Any],
+                          task: str, source: str, source_unit: str) -> list[dict[str, Any]]:
+    """The masks of dataset `source` (primary identification setting, in the run folder of `source_unit`, the
+    task run on that dataset) under every intervention of the task's grid, to be evaluated on another dataset.
+    Each condition's `ident` is `data-<source>-<setting>` (its own metrics, so its random controls pair only
+    with each other); `mask` and, for interventions that need M, `aggregate` are paths under the run folder."""
+    from .interventions import INTERVENTIONS
+
+    src = idents(filter_cfg)[0]
+    ident = dataset_ident(source, src["ident"])
+    out = []
+    for cond in grid(select_cfg, eval_cfg, task)[1:]:
+        c = {**cond, "condition": f"{ident}-{cond['condition']}",
+             "mask": f"{source_unit}/masks/{src['ident']}/{cond['mask']}", **src, "ident": ident,
+             "source_task": source_unit, "source_dataset": source}
+        if INTERVENTIONS[cond["intervention"]].needs_means:
+            c["aggregate"] = f"{source_unit}/aggregate/{src['ident']}"
+        out.append(c)
     return out

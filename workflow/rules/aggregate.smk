@@ -18,7 +18,7 @@ rule aggregate:
     params:
         p=lambda wc: dumps(
             {
-                "task": wc.task,
+                "task": utask(wc.task),
                 "emotions": emotions(wc.task),
                 "spans": task_spans(wc.task),
                 "filter": ident_filter(wc.ident),

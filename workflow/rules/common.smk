@@ -1,6 +1,7 @@
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,7 +60,37 @@ os.environ.update(
 TASKS = [t for t, c in config["tasks"].items() if c.get("enabled", True)]
 for _t in TASKS:
     task_dataset(config, _t)
-KEYS = {t: stage1_key(config, t) for t in TASKS}
+# cross-dataset transfer (transfer.datasets, METHOD.md 3.5): each enabled task also runs on every other dataset a
+# pair names, as a unit `<task>.<dataset>` with its own run folder and stage-1 key: stage 0 always (its evaluation
+# manifest), stages 1-3 and the masks only when the dataset is a pair's source
+DATASET_PAIRS = _cond.dataset_pairs(config.get("transfer"), config["datasets"])
+UNITS = {t: (t, config["tasks"][t]["dataset"]) for t in TASKS}
+for _t in TASKS:
+    for _ds in dict.fromkeys(d for pair in DATASET_PAIRS for d in pair):
+        if _ds != UNITS[_t][1]:
+            UNITS[f"{_t}.{_ds}"] = (_t, _ds)
+
+
+def utask(unit):
+    """The task (evc, ser) a unit runs; a task is its own unit on its configured dataset."""
+    return UNITS[unit][0]
+
+
+def unit_of(task, dataset):
+    """The unit that runs `task` on `dataset`."""
+    return task if dataset == UNITS[task][1] else f"{task}.{dataset}"
+
+
+@functools.cache
+def ucfg(unit):
+    """The config a unit's stages read: the config itself for a task, else with the task's dataset swapped."""
+    task, ds = UNITS[unit]
+    if unit == task:
+        return config
+    return {**config, "tasks": {**config["tasks"], task: {**config["tasks"][task], "dataset": ds}}}
+
+
+KEYS = {u: stage1_key(ucfg(u), utask(u)) for u in UNITS}
 KEY2TASK = {k: t for t, k in KEYS.items()}
 # identification settings (filter.c x filter.enabled): stages 2-3 and the masks run once per setting, all from
 # the same stage-1 statistics; the first setting is the primary one (the report's main sections)
@@ -70,7 +101,7 @@ MODEL_ENV = f"../../envs/{_adapter_entry(config['model']['adapter']).env}.yaml"
 
 
 wildcard_constraints:
-    task="|".join(TASKS) or "none",
+    task="|".join(re.escape(u) for u in UNITS) or "none",
     shard=r"\d+",
     n=r"\d+",
     key="|".join(KEYS.values()) or "none",
@@ -81,12 +112,12 @@ wildcard_constraints:
 
 
 def emotions(task):
-    tcfg = config["tasks"][task]
-    return tcfg["target_emotions"] if task == "evc" else tcfg["labels"]
+    tcfg = config["tasks"][utask(task)]
+    return tcfg["target_emotions"] if utask(task) == "evc" else tcfg["labels"]
 
 
 def n_shards(task):
-    return int(config["tasks"][task].get("shards", 1))
+    return int(config["tasks"][utask(task)].get("shards", 1))
 
 
 def n_eval_shards():
@@ -121,11 +152,29 @@ if TRANSFER:
         )
 
 
+def _dataset_conditions(unit):
+    """The cross-dataset transfer conditions a unit evaluates: the masks of each pair's source that targets the
+    unit's dataset (a pair of the task's own dataset with itself is its own grid)."""
+    task, ds = UNITS[unit]
+    out = []
+    for src, tgt in DATASET_PAIRS:
+        if tgt == ds and not (src == tgt and unit == task):
+            out += _cond.dataset_transfer_grid(
+                config["select"], config["evaluate"], config["filter"], task, src, unit_of(task, src)
+            )
+    return out
+
+
 @functools.cache
 def _grid(task):
-    """The task's conditions; a mask is named by its path under the run folder (`<task>/masks/<setting>/..`),
-    so cross-task transfer conditions (transfer.tasks) can take the other task's masks.
+    """The unit's conditions; a mask is named by its path under the run folder (`<unit>/masks/<setting>/..`),
+    so cross-task (transfer.tasks) and cross-dataset (transfer.datasets) conditions can take other masks.
+    A `<task>.<dataset>` unit evaluates the baseline and its transfer conditions only.
     """
+    if task not in TASKS:
+        base = {**_cond.full_grid(config["select"], config["evaluate"], config["filter"], utask(task))[0],
+                "source_task": ""}
+        return _with_mix_temperature([base, *_dataset_conditions(task)])
     own = [
         {
             **c,
@@ -142,6 +191,10 @@ def _grid(task):
         out = own + _cond.transfer_grid(
             config["select"], config["evaluate"], config["filter"], other, task
         )
+    return _with_mix_temperature(out + _dataset_conditions(task))
+
+
+def _with_mix_temperature(out):
     # `mix` reads its temperature; only its conditions carry it, so changing it re-runs only them
     tau = float(config["evaluate"].get("mix_temperature", 1.0))
     return [
@@ -154,14 +207,49 @@ def _grid_by_id(task):
     return {c["condition"]: c for c in _grid(task)}
 
 
+def dataset_idents(unit):
+    """The cross-dataset settings evaluated on `unit`, one per pair source (`data-<source>-<primary>`)."""
+    return [
+        {**IDENTS[PRIMARY], "ident": c["ident"], "source_dataset": c["source_dataset"]}
+        for c in {c["ident"]: c for c in _dataset_conditions(unit)}.values()
+    ]
+
+
 def metric_idents(task):
-    """The settings whose metrics are computed for `task`: its own, then the cross-task transfer one."""
+    """The settings whose metrics are computed for `task`: its own, the cross-task transfer one, then the
+    cross-dataset ones; a `<task>.<dataset>` unit has the cross-dataset ones only."""
+    if task not in TASKS:
+        return dataset_idents(task)
     out = list(IDENTS.values())
     if TRANSFER:
         other = "ser" if task == "evc" else "evc"
         src = IDENTS[PRIMARY]
         out.append({**src, "ident": f"from-{other}-{PRIMARY}", "source_task": other})
-    return out
+    return out + dataset_idents(task)
+
+
+def dataset_transfer_spec(task):
+    """What the sweep of `task` needs for metrics/dataset_transfer.tsv: per pair (and the task's own dataset
+    with itself), the metrics folder of its setting (the task's own primary one for its dataset with itself),
+    and the selector masks (primary setting)
+    of every dataset the task identifies on (its own and each pair's source), for the mask overlap."""
+    pairs = []
+    own = UNITS[task][1]
+    # the task's own dataset with itself (its in-dataset numbers, no extra job) is the matrix's diagonal
+    for src, tgt in dict.fromkeys([*DATASET_PAIRS, (own, own)]):
+        unit = unit_of(task, tgt)
+        ident = PRIMARY if src == tgt and unit == task else _cond.dataset_ident(src, PRIMARY)
+        pairs.append({"source": src, "target": tgt, "dir": f"{RUN}/{unit}/metrics-by-ident/{ident}"})
+    identified = dict.fromkeys([UNITS[task][1], *(s for s, _ in DATASET_PAIRS)])
+    masks = {
+        ds: {
+            m["mask"]: f"{RUN}/{unit_of(task, ds)}/masks/{PRIMARY}/{m['mask']}.safetensors"
+            for m in _cond.masks(config["select"])
+            if m["selector"] != "random"
+        }
+        for ds in identified
+    }
+    return {"ident": PRIMARY, "pairs": pairs, "masks": masks}
 
 
 def ident_filter(ident):
@@ -219,12 +307,12 @@ def model_params():
 
 
 def task_spans(task):
-    return list(config["tasks"][task]["spans"])
+    return list(config["tasks"][utask(task)]["spans"])
 
 
 @functools.cache
 def stage1_params(task):
-    ident = stage1_identity(config, task)
+    ident = stage1_identity(ucfg(task), utask(task))
     return dumps({**ident, "model": model_params()})
 
 
@@ -235,7 +323,7 @@ def judge_params(task, cond=None):
 
 @functools.cache
 def _judge_params(task, cond_json):
-    return dumps(_judge.params(config, task, json.loads(cond_json)))
+    return dumps(_judge.params(ucfg(task), utask(task), json.loads(cond_json)))
 
 
 def attempt(wildcards, attempt):
@@ -285,6 +373,12 @@ def group_conditions(task, g):
         ) from None
 
 
+def aggregate_of(c):
+    """The stage-3 aggregate (under the run folder) whose M a condition's intervention reads: its own
+    `aggregate` (a cross-dataset condition), else its source task's of its identification setting."""
+    return c.get("aggregate") or f"{c['source_task']}/aggregate/{c['ident']}"
+
+
 def eval_inputs(wc):
     conds = group_conditions(wc.task, wc.group)
     return {
@@ -293,7 +387,7 @@ def eval_inputs(wc):
         # erase reads M of its identification setting's stage-3 aggregate
         "aggregates": sorted(
             {
-                f"{RUN}/{c['source_task']}/aggregate/{c['ident']}.zarr"
+                f"{RUN}/{aggregate_of(c)}.zarr"
                 for c in conds
                 if _iv.INTERVENTIONS[c["intervention"]].needs_means
             }
@@ -303,9 +397,9 @@ def eval_inputs(wc):
 
 def _eval_common(task):
     return {
-        "task": task,
+        "task": utask(task),
         "model": model_params(),
-        "task_cfg": {k: v for k, v in config["tasks"][task].items() if k != "spans"},
+        "task_cfg": {k: v for k, v in ucfg(task)["tasks"][utask(task)].items() if k != "spans"},
         "data": config["data"],
         "eval": {
             k: config["evaluate"].get(k)
@@ -360,7 +454,7 @@ def _eval_params(task, g):
 
 @functools.cache
 def _judge_group_params(task, g):
-    common = _judge.params(config, task, None)
+    common = _judge.params(ucfg(task), utask(task), None)
     del common["condition"]
     common["result_code"] = code_version("judge", results_only=True)
     return dumps(
@@ -402,14 +496,14 @@ def ident_judged_dirs(task, ident):
 def _gc_spec():
     live = [
         f"{RUN}/{t}/eval/group-{g}/{kind}-{i}"
-        for t in TASKS
+        for t in UNITS
         for g in eval_groups(t)
         for i in range(n_eval_shards())
         for kind in ("shard", "judged")
     ]
     used = [
         big_params(text)
-        for t in TASKS
+        for t in UNITS
         for g in eval_groups(t)
         for text in (_eval_params(t, g), _judge_group_params(t, g))
     ]
@@ -419,5 +513,33 @@ def _gc_spec():
         "params_dir": PARAMS_CACHE,
         "keep_params": [p[1:] for p in used if p.startswith("@")],
         "stage1_dir": CACHE,
-        "keep_stage1": [stage1_dir(t) for t in TASKS],
+        "keep_stage1": [stage1_dir(t) for t in UNITS],
     }
+
+
+def sweep_inputs(wc):
+    """The sweep's metrics folders (`idents`, in metric_idents order) and, with transfer.datasets, the pairs'
+    metrics folders and the masks whose overlap it computes."""
+    out = {
+        "idents": [
+            f"{RUN}/{wc.task}/metrics-by-ident/{i['ident']}"
+            for i in metric_idents(wc.task)
+        ]
+    }
+    if DATASET_PAIRS:  # metrics/dataset_transfer.tsv: each pair's metrics and the masks compared
+        spec = dataset_transfer_spec(wc.task)
+        out["transfer"] = sorted({p["dir"] for p in spec["pairs"]})
+        out["masks"] = sorted({f for ms in spec["masks"].values() for f in ms.values()})
+    return out
+
+
+def sweep_params(wc):
+    """The sweep's params; `datasets` only with transfer.datasets, so runs without pairs keep theirs."""
+    p = {
+        "task": utask(wc.task),
+        "idents": metric_idents(wc.task),
+        "code": code_version("sweep"),
+    }
+    if DATASET_PAIRS:
+        p["datasets"] = dataset_transfer_spec(wc.task)
+    return dumps(p)

@@ -120,13 +120,13 @@ rule metrics_ident:
     benchmark:
         f"{RUN}/{{task}}/benchmarks/metrics-{{ident}}.tsv"
     wildcard_constraints:
-        ident=r"(from-[a-z]+-)?c\d+-(un)?filtered",
+        ident=r"(from-[a-z]+-|data-[A-Za-z0-9_]+-)?c\d+-(un)?filtered",
     conda:
         "../../envs/core.yaml"
     params:
         p=lambda wc: dumps(
             {
-                "task": wc.task,
+                "task": utask(wc.task),
                 "wer_max": config["filter"].get("wer_max"),
                 "bootstrap": config["evaluate"].get("bootstrap", 1000),
                 "seed": config["evaluate"].get("seed", 0),
@@ -139,13 +139,11 @@ rule metrics_ident:
         "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.metrics --params {params.p:q} --judged {params.judged} --outdir {output} > {log} 2>&1"
 
 
-# every setting's tables side by side (columns ident, c, filtered) plus the c sweep and the filtering ablation
+# every setting's tables side by side (columns ident, c, filtered) plus the c sweep, the filtering ablation and
+# the transfer tables
 rule sweep:
     input:
-        lambda wc: [
-            f"{RUN}/{wc.task}/metrics-by-ident/{i['ident']}"
-            for i in metric_idents(wc.task)
-        ],
+        unpack(sweep_inputs),
     output:
         directory(f"{RUN}/{{task}}/metrics"),
     log:
@@ -153,15 +151,9 @@ rule sweep:
     conda:
         "../../envs/core.yaml"
     params:
-        p=lambda wc: dumps(
-            {
-                "task": wc.task,
-                "idents": metric_idents(wc.task),
-                "code": code_version("sweep"),
-            }
-        ),
+        p=sweep_params,
     shell:
-        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.sweep --params {params.p:q} --inputs {input} --outdir {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m emotion_neurons.stages.sweep --params {params.p:q} --inputs {input.idents} --outdir {output} > {log} 2>&1"
 
 
 rule report:
@@ -174,10 +166,10 @@ rule report:
             for i in IDENTS
             for m in _cond.masks(config["select"])
         ],
-        data=[f for t in TASKS for f in prepared_tables(t)],
+        data=[f for u in UNITS for f in prepared_tables(u)],
         # per-utterance rows (baseline intervals, the EVC audio) and the stage-1 list of skipped audio
         judged=[d for t in TASKS for d in judged_dirs(t)],
-        bad=[f"{stage1_dir(t)}/bad_audio.tsv" for t in TASKS],
+        bad=[f"{stage1_dir(u)}/bad_audio.tsv" for u in UNITS],
     output:
         f"{RUN}/report.html",
     log:
@@ -195,14 +187,14 @@ rule report:
                 "evaluate": {
                     k: config["evaluate"].get(k) for k in ("bootstrap", "seed", "ci")
                 },
-                "stage1": {t: stage1_dir(t) for t in TASKS},
+                "stage1": {u: stage1_dir(u) for u in UNITS},
                 "filter": {"wer_max": config["filter"].get("wer_max")},
                 "masks": [
                     f"{PRIMARY}/{m['mask']}" for m in _cond.masks(config["select"])
                 ],
                 "ident": PRIMARY,
                 "model": config["model"]["id"],
-                "data_tables": {t: prepared_tables(t) for t in TASKS},
+                "data_tables": {u: prepared_tables(u) for u in UNITS},
                 "config": config,
                 "code": code_version("report"),
                 # the code behind every number on the page (its provenance section)

@@ -43,7 +43,7 @@ rule filter:
     params:
         p=lambda wc: dumps(
             {
-                "task": wc.task,
+                "task": utask(wc.task),
                 "filter": ident_filter(wc.ident),
                 "emotions": emotions(wc.task),
                 "code": code_version("filter"),

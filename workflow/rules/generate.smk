@@ -15,9 +15,9 @@ rule prepare:
     params:
         p=lambda wc: dumps(
             {
-                "task": KEY2TASK[wc.key],
-                "task_cfg": stage1_task_cfg(config, KEY2TASK[wc.key]),
-                "dataset": task_dataset(config, KEY2TASK[wc.key]),
+                "task": utask(KEY2TASK[wc.key]),
+                "task_cfg": stage1_task_cfg(ucfg(KEY2TASK[wc.key]), utask(KEY2TASK[wc.key])),
+                "dataset": task_dataset(ucfg(KEY2TASK[wc.key]), utask(KEY2TASK[wc.key])),
                 "data": config["data"],
                 "max_audio_seconds": adapter_input_window(config["model"]["adapter"]),
                 "code": code_version("prepare"),

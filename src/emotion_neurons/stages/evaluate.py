@@ -224,7 +224,7 @@ def evaluate_group(
     cache: str, out: str,
 ) -> dict[str, int]:
     """Evaluate `p["conditions"]` (each with the parameters `p["common"]`) into `out/<condition>/`; mask paths
-    (and, for interventions that need M, the aggregate `<source_task>/aggregate/<ident>.zarr`) are relative to
+    (and, for interventions that need M, the condition's `aggregate` or else `<source_task>/aggregate/<ident>.zarr`) are relative to
     `run_dir`."""
     from ..config import dumps, short_hash
     from ..group import check_unique, file_sha, link_tree, result_params
@@ -241,7 +241,8 @@ def evaluate_group(
             mask = f"{run_dir}/{cond['mask']}.safetensors" if cond.get("mask") else ""
             agg = ""
             if INTERVENTIONS[cond["intervention"]].needs_means:
-                agg = f"{run_dir}/{cond['source_task']}/aggregate/{cond['ident']}.zarr"
+                # a cross-dataset condition names its aggregate (its ident is not the masks' setting)
+                agg = f"{run_dir}/{cond.get('aggregate') or cond['source_task'] + '/aggregate/' + cond['ident']}.zarr"
             if mask and not Path(mask).exists():
                 raise FileNotFoundError(f"condition {cond['condition']!r}: its mask {mask} does not exist")
             key = short_hash(

@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 EVC_JUDGED_COLS: tuple[str, ...] = ("wer_edits", "ref_words")
 
 
+def write_tables(outdir: str | Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Write each named table as `<outdir>/<name>.tsv` (the tail of the metrics and sweep stages)."""
+    for name, df in tables.items():
+        write_table(Path(outdir) / f"{name}.tsv", df)
+    log.info("wrote %s to %s", sorted(tables), outdir)
+
+
 def check_judged(judged: pd.DataFrame, where: str) -> None:
     """Raise ValueError naming `where` when a judged EVC table lacks the judge's word counts."""
     missing = [c for c in EVC_JUDGED_COLS if c not in judged.columns]
@@ -78,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         p["task"], judged, p.get("wer_max"), int(p.get("bootstrap", 1000)), int(p.get("seed", 0)),
         float(p.get("ci", 0.95)),
     )
-    out = Path(a.outdir)
-    for name, df in tables.items():
-        write_table(out / f"{name}.tsv", df)
-    log.info("wrote %s", sorted(tables))
+    write_tables(a.outdir, tables)
     return 0
 
 

@@ -34,6 +34,7 @@ from ..config import load_params  # noqa: E402
 from ..io import read_table, write_text  # noqa: E402
 from ..selectors import layer_distribution, load_mask, overlap  # noqa: E402
 from .prepare import issue_summary  # noqa: E402
+from .sweep import jaccard  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def _png(fig: Any, alt: str) -> str:
 
 
 def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    return df.to_html(index=False, float_format=lambda x: floatfmt.format(x), border=0, classes="t", escape=True)
+    # a missing value (no random control for a selector row, no seed sd for one seed) is an empty cell, not "NaN"
+    return df.to_html(index=False, float_format=lambda x: floatfmt.format(x), border=0, classes="t", escape=True,
+                      na_rep="")
 
 
 def fmt_ci(value: float, lo: float | None, hi: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -228,7 +231,7 @@ def load_task(run: Path, task: str, wer_max: float | None = None, mask_names: li
 
 
 #: Tables of emotion_neurons.stages.sweep that span every identification setting.
-SWEEP_TABLES: tuple[str, ...] = ("c_sweep", "filter_ablation", "task_transfer")
+SWEEP_TABLES: tuple[str, ...] = ("c_sweep", "filter_ablation", "task_transfer", "dataset_transfer", "dataset_overlap")
 
 
 def _one_setting(t: pd.DataFrame, ident: str) -> pd.DataFrame:
@@ -469,8 +472,24 @@ def c_sweep(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
     t = sweeps.get("c_sweep")
     if t is None or t.empty:
         return absent(fid, title, "the run has no c_sweep table (metrics of an older run)")
-    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
-    return sensitivity(task, {key: t}, "c")
+    return sensitivity(task, {_main_key(task): t}, "c")
+
+
+def _main_key(task: str) -> str:
+    return "effects_by_selector" if task == "ser" else "deltas_by_selector"
+
+
+def _cell(r: dict[str, Any], v: str, lo: str, hi: str) -> str:
+    return f"{float(r[v]):.3g} [{float(r[lo]):.3g}, {float(r[hi]):.3g}]"
+
+
+def _effect_rows(task: str, t: pd.DataFrame, cols: dict[str, str]) -> tuple[pd.DataFrame, str]:
+    """The main per-setting effect of a sweep-style table, one row per setting: its label, the columns `cols`
+    (table column -> shown name) and the effect with its interval; and the effect's name."""
+    d, v, lo, hi, ylab = _main_rows(task, {_main_key(task): t})
+    rows = [{"setting": label(r), **{name: r[c] for c, name in cols.items()}, ylab: _cell(r, v, lo, hi)}
+            for r in d.to_dict("records")]
+    return pd.DataFrame(rows), ylab
 
 
 def task_transfer(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
@@ -481,13 +500,10 @@ def task_transfer(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
     t = sweeps.get("task_transfer")
     if t is None or t.empty:
         return absent(fid, title, "cross-task transfer is off (transfer.tasks: false) or one of the tasks is disabled")
-    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
-    d, v, lo, hi, ylab = _main_rows(task, {key: t})
-    rows = [{"setting": label(r), "masks from": r["masks_from"], ylab: f"{float(r[v]):.3g} [{float(r[lo]):.3g}, {float(r[hi]):.3g}]"}
-            for r in d.to_dict("records")]
+    rows, _ = _effect_rows(task, t, {"masks_from": "masks from"})
     how = (f"masks selected on {other} identification, applied to {task.upper()} held-out data through the shared "
            "emotion names; compare each selector with its random control and with the same selector's own-task effect above.")
-    return figure(fid, title, how, _table(pd.DataFrame(rows)))
+    return figure(fid, title, how, _table(rows))
 
 
 def filter_ablation(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
@@ -496,20 +512,65 @@ def filter_ablation(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
     t = sweeps.get("filter_ablation")
     if t is None or t.empty:
         return absent(fid, title, "the run has no filter_ablation table (metrics of an older run)")
-    key = "effects_by_selector" if task == "ser" else "deltas_by_selector"
-    d, v, lo, hi, ylab = _main_rows(task, {key: t})
-    vals = sorted(d["filtered"].astype(str).unique())
+    rows, _ = _effect_rows(task, t, {"filtered": "filtered", "c": "c"})
+    vals = sorted(rows["filtered"].astype(str).unique()) if not rows.empty else []
     if len(vals) < 2:
         return absent(fid, title, f"this run identifies with filter.enabled = {', '.join(vals)} only; list "
                       "[true, false] to compare filtered with unfiltered identification")
-    rows = []
-    for (lab, flt), g in d.assign(_l=[label(r) for r in d.to_dict("records")]).groupby(["_l", "filtered"], sort=False):
-        r = g.iloc[0]
-        rows.append({"setting": lab, "filtered": flt, "c": r["c"],
-                     ylab: f"{float(r[v]):.3g} [{float(r[lo]):.3g}, {float(r[hi]):.3g}]"})
+    rows = rows.drop_duplicates(["setting", "filtered"])
     how = ("each selector setting identified once on judged successes (filtered) and once on instances kept "
            "regardless of success (unfiltered), same c; a gap between the two rows of a setting is what filtering buys.")
-    return figure(fid, title, how, _table(pd.DataFrame(rows)))
+    return figure(fid, title, how, _table(rows))
+
+
+def dataset_transfer(task: str, sweeps: dict[str, pd.DataFrame]) -> str:
+    """Masks identified on one dataset evaluated on another (transfer.datasets, Paper B): per selector setting
+    the matrix source x target of its effect, every pair's SE/ACE/ESS (EVC: deltas) with intervals, and the
+    Jaccard overlap of the two datasets' masks."""
+    fid, title = f"{task}-transfer-dataset", f"{task.upper()}: cross-dataset transfer (masks of one dataset on another)"
+    t = sweeps.get("dataset_transfer")
+    if t is None or t.empty:
+        return absent(fid, title, "transfer.datasets lists no [source, target] pair")
+    d, v, lo, hi, ylab = _main_rows(task, {_main_key(task): t})
+    if d is None or d.empty:
+        return absent(fid, title, "the dataset_transfer table has no per-selector effects")
+    # each selector setting followed by its matched random control
+    d = d.assign(_setting=[label(r) for r in d.to_dict("records")],
+                 _owner=[str(r["control_of"]) if r["selector"] == "random" else str(r["selector"]) for r in d.to_dict("records")],
+                 _rand=d["selector"].eq("random"))
+    d = d.sort_values(["_owner", "r", "intervention", "alpha", "_rand"], kind="stable")
+    parts = []
+    for setting, g in d.groupby("_setting", sort=False):
+        m = g.assign(_c=[_cell(r, v, lo, hi) for r in g.to_dict("records")]).pivot_table(
+            index="source_dataset", columns="target_dataset", values="_c", aggfunc="first")
+        m.index = [f"masks from {x}" for x in m.index]
+        m.columns = [f"on {x}" for x in m.columns]
+        parts.append(f"<h4>{esc(setting)}: {esc(ylab)}</h4>" + m.fillna("not run").to_html(border=0, classes="t"))
+    if task == "ser":
+        stats = [k for k in ("SE", "ACE", "ESS", "RCE") if {k, f"{k}_lo", f"{k}_hi"} <= set(d.columns)]
+        rows = [{"setting": r["_setting"], "masks from": r["source_dataset"], "on": r["target_dataset"],
+                 **{k: fmt_ci(r[k], r[f"{k}_lo"], r[f"{k}_hi"]) for k in stats},
+                 "Jaccard": "n/a" if pd.isna(r.get("jaccard")) else f"{float(r['jaccard']):.3f}"}
+                for r in d.to_dict("records")]
+        parts.append("<h4>Every pair (mean over mask emotions, points)</h4>" + _table(pd.DataFrame(rows)))
+    ov = sweeps.get("dataset_overlap")
+    if ov is not None and not ov.empty:
+        mean = ov[ov["mask_emotion"].astype(str).eq("mean")]
+        parts.append("<h4>Mask overlap (Jaccard) between datasets, mean over emotions</h4>" + _table(
+            mean.rename(columns={"source_dataset": "dataset A", "target_dataset": "dataset B"})[
+                ["dataset A", "dataset B", "mask", "jaccard"]], "{:.3f}"))
+        parts.append("<details><summary>per emotion</summary>" + _table(
+            ov[~ov["mask_emotion"].astype(str).eq("mean")], "{:.3f}") + "</details>")
+    else:
+        parts.append("<p class='why'>No mask overlap: no pair's target dataset is identified too (list it as a "
+                     "source, or pair the task's own dataset).</p>")
+    how = ("each matrix is one selector setting: a cell is the effect of masks selected on the row's dataset "
+           "(its identification speakers) applied to the column's dataset's held-out speakers, with its 95% "
+           "interval; the task's own dataset with itself is the in-dataset effect of the sections above. A selector "
+           "transfers when its off-diagonal cells keep the sign of the diagonal and stay clear of its random "
+           "control's cells; Jaccard is the share of neurons the two datasets' masks of the same selector have in "
+           "common (1 = the same neurons, 0 = none).")
+    return figure(fid, title, how, "".join(parts))
 
 
 def change_matrices(tables: dict[str, pd.DataFrame]) -> str:
@@ -570,13 +631,6 @@ def layer_figures(task: str, masks: dict[str, tuple[np.ndarray, dict]]) -> str:
     return figure(fid, title, how, "<div class='grid'>" + "".join(imgs) + "</div>")
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """|a ∩ b| / |a ∪ b| of two boolean masks (0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def _heat(M: np.ndarray, names: list[str], title: str) -> str:
     fig, ax = plt.subplots(figsize=(0.6 * len(names) + 2.2, 0.5 * len(names) + 1.5))
     im = ax.imshow(M, cmap="magma", vmin=0, vmax=1)
@@ -619,7 +673,7 @@ def overlap_figures(all_masks: dict[str, dict[str, tuple[np.ndarray, dict]]]) ->
                     rows.append({"mask": name, "emotion": e, f"Jaccard {a}-{b}": jaccard(ma[i], mb[list(eb["emotions"]).index(e)])})
         if rows:
             imgs.append(f"<h4>between tasks</h4>{_table(pd.DataFrame(rows), '{:.3f}')}")
-    notes.append("Between datasets: not shown, a run studies one dataset per task.")
+    notes.append("Between datasets: in each task's cross-dataset transfer section (transfer.datasets).")
     if not imgs:
         return absent(fid, title, "the run has no selector masks")
     how = ("1 means two masks chose the same neurons, 0 none in common; a high overlap between emotions says the "
@@ -737,18 +791,33 @@ def provenance(params: dict[str, Any], tasks: dict[str, dict[str, Any]]) -> str:
     for task, t in tasks.items():
         if t["filter"] is not None:
             parts.append(f"<h4>{esc(task.upper())}: identification instances kept per emotion (stage 2)</h4>" + _table(t["filter"]))
-        bad = (params.get("stage1") or {}).get(task)
-        bad_path = Path(bad) / "bad_audio.tsv" if bad else None
-        if bad_path is not None and bad_path.is_file():
-            b = read_table(bad_path)
-            parts.append(f"<h4>{esc(task.upper())}: audio skipped</h4>" +
-                         (f"<p>{len(b)} file(s) skipped.</p>" + _table(b) if len(b) else "<p>none skipped.</p>"))
-        else:
-            parts.append(f"<h4>{esc(task.upper())}: audio skipped</h4><p class='why'>no bad_audio.tsv found for this task.</p>")
+    parts.append(input_issues(params))
     cfg = params.get("config")
     if cfg is not None:
         parts.append("<details><summary>Configuration</summary><pre>" + esc(json.dumps(cfg, indent=1, sort_keys=True, default=str)) + "</pre></details>")
     return "<section id='provenance'><h2>Provenance</h2>" + "".join(parts) + "</section>"
+
+
+def input_issues(params: dict[str, Any]) -> str:
+    """Stage 0's skipped and warned-about input, once: the counts per task (and per transfer dataset,
+    `<task>.<dataset>`) and, collapsed, the list of skipped files."""
+    parts = ["<h4>Input skipped or warned about (stage 0)</h4><p class='how'><b>How to read it:</b> files of the "
+             "corpus that stage 0 skipped (bad audio, too long) or kept with a warning (clipping, unmatched transcript "
+             "lines), per task; the file lists are bad_audio.tsv and warnings.tsv of the stage-1 cache.</p>"]
+    summary = issue_summary(params.get("data_tables") or {})
+    if not summary.empty:
+        parts.append(_table(summary))
+    for unit, d in (params.get("stage1") or {}).items():
+        bad_path = Path(d) / "bad_audio.tsv"
+        if not bad_path.is_file():
+            parts.append(f"<p class='why'>{esc(unit.upper())}: no bad_audio.tsv found.</p>")
+            continue
+        b = read_table(bad_path)
+        if b.empty:
+            parts.append(f"<p>{esc(unit.upper())}: none skipped.</p>")
+        else:
+            parts.append(f"<details><summary>{esc(unit.upper())}: {len(b)} file(s) skipped.</summary>{_table(b)}</details>")
+    return "".join(parts)
 
 
 def raw_tables(tasks: dict[str, dict[str, Any]], out_dir: Path) -> str:
@@ -786,10 +855,6 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
             "<nav>" + "".join(f"<a href='#{t}-headline'>{t.upper()}</a>" for t in tasks) +
             "<a href='#overlap'>overlap</a><a href='#provenance'>provenance</a><a href='#raw'>raw tables</a></nav>"]
     body.append("<h2>Headline</h2>" + "".join(headline(t, n_boot, seed, ci) for t in tasks.values()))
-    body.append("<h3>Input skipped or warned about (stage 0)</h3><p class='why'>How to read: files of the corpus "
-                "that stage 0 skipped (bad audio, too long) or kept with a warning (clipping, unmatched transcript "
-                "lines); the file lists are in bad_audio.tsv and warnings.tsv of the stage-1 cache.</p>"
-                + _table(issue_summary(params.get("data_tables", {}))))
     for task, t in tasks.items():
         tb = t["tables"]
         body.append(f"<h2>{task.upper()}</h2>")
@@ -799,12 +864,10 @@ def build(params: dict[str, Any], out: str | Path = "report.html") -> str:
         body.append(c_sweep(task, t["sweeps"]))
         body.append(filter_ablation(task, t["sweeps"]))
         body.append(task_transfer(task, t["sweeps"]))
+        body.append(dataset_transfer(task, t["sweeps"]))
         if task == "ser":
             body.append(change_matrices(tb))
             body.append(injections(t))
-            body.append(absent("ser-transfer", "SER transfer matrices",
-                               "cross-dataset transfer (masks of one dataset evaluated on another) is not implemented yet; "
-                               "cross-task transfer is the section above"))
         body.append(layer_figures(task, t["masks"]))
         if task == "evc":
             body.append(evc_audio(t, int(rep.get("audio_per_emotion", 2)), seed))
