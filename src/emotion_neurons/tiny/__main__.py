@@ -32,14 +32,6 @@ N_SENTENCES_B = 20
 TRAINING_SEEDS = (0, 1, 2)
 
 
-def _train_miniature(target: Path, corpus_dir: Path, seed: int, force: bool) -> dict:
-    """One miniature, in a worker process (spawned: a fresh interpreter and fresh RNG state)."""
-    from . import miniature
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return miniature.build(target, corpus_dir, miniature.Recipe(seed=seed), force=force)
-
-
 def build_all(
     out: Path,
     force: bool = False,
@@ -103,7 +95,7 @@ def build_all(
         n_jobs = max(1, min(jobs or len(todo), len(todo)))
         log.info("training miniatures of seeds %s in %d processes", todo, n_jobs)
         pool = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"))
-        futures = {k: pool.submit(_train_miniature, out / f"qwen-seed{k}", esd, k, force) for k in todo}
+        futures = {k: pool.submit(miniature.build_seed, out / f"qwen-seed{k}", esd, k, force) for k in todo}
 
     # the judge: cached by the corpus content and the training code
     judge = out / "emotion2vec"

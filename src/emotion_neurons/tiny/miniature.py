@@ -536,3 +536,11 @@ def build(out_dir: Path, corpus_dir: Path, recipe: Recipe, force: bool = False) 
         flush=True,
     )
     return info
+
+
+def build_seed(out_dir: Path, corpus_dir: Path, seed: int, force: bool = False) -> dict[str, Any]:
+    """`build` of the default recipe for one training seed; the target of the build's worker processes (spawned:
+    a fresh interpreter, so no RNG or thread state is inherited)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return build(out_dir, corpus_dir, Recipe(seed=seed), force=force)
