@@ -31,12 +31,12 @@ def run_seed(model_dir: Path, cfg: dict[str, Any], work: Path, *, per_emotion: i
     """
     import torch
 
-    from ..data import build_instances, read_dataset
-    from ..filter import keep
-    from ..generate import load_adapter, run, settings_from, stratified_cap
-    from ..hooks import InterventionSpec
+    from ..interventions import InterventionSpec
     from ..prompts import parse_answer
     from ..selectors import random_control, select
+    from ..stages.filter import keep
+    from ..stages.generate import load_adapter, run, settings_from, stratified_cap
+    from ..stages.prepare import build_instances, read_dataset
     from ..stats import aggregate, load_aggregate
 
     work = Path(work)
