@@ -43,7 +43,7 @@ demo: tiny
 test: setup sysdeps
 	$(PY) -m pytest -q -ra
 
-# the slow miniature tests, training the miniatures first if their recipe changed (tens of minutes on 2 cores)
+# the slow miniature tests, training the miniatures first if their recipe changed (13-25 min on 2 cores)
 test-miniature: setup sysdeps
 	EMOTION_NEURONS_TRAIN_MINIATURE=1 $(PY) -m pytest -q -ra tests/test_miniature.py
 

@@ -33,8 +33,14 @@ TRAINING_SEEDS = (0, 1, 2)
 
 
 def build_all(
-    out: Path, force: bool = False, n_sentences: int = N_SENTENCES, seeds: tuple[int, ...] = TRAINING_SEEDS
+    out: Path,
+    force: bool = False,
+    n_sentences: int = N_SENTENCES,
+    seeds: tuple[int, ...] = TRAINING_SEEDS,
+    jobs: int | None = None,
 ) -> dict[str, Path]:
+    """Build (or keep, when cached) every part of the tiny setup; `jobs` miniature trainings at once (default:
+    all of them; each uses one torch thread, so the result does not depend on `jobs`)."""
     out.mkdir(parents=True, exist_ok=True)
     made: dict[str, Path] = {}
 
@@ -77,6 +83,20 @@ def build_all(
     esd = build_corpus("esd", SPEAKERS, n_sentences, "a")
     build_corpus("esd_b", SPEAKERS_B, N_SENTENCES_B, "b")
 
+    # the miniatures train in worker processes (one torch thread each, so the weights do not depend on how many
+    # run at once) while this process trains the judge
+    todo = [k for k in seeds if force or not miniature.is_cached(out / f"qwen-seed{k}", esd, miniature.Recipe(seed=k))]
+    pool = None
+    futures = {}
+    if todo:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        n_jobs = max(1, min(jobs or len(todo), len(todo)))
+        log.info("training miniatures of seeds %s in %d processes", todo, n_jobs)
+        pool = ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn"))
+        futures = {k: pool.submit(miniature.build_seed, out / f"qwen-seed{k}", esd, k, force) for k in todo}
+
     # the judge: cached by the corpus content and the training code
     judge = out / "emotion2vec"
     key = hashlib.sha256(
@@ -100,9 +120,15 @@ def build_all(
     )
     made["emotion2vec"] = judge
 
+    try:
+        for fut in futures.values():
+            fut.result()  # re-raises a worker's error
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     for seed in seeds:
         target = out / f"qwen-seed{seed}"
-        info = miniature.build(target, esd, miniature.Recipe(seed=seed), force=force)
+        info = miniature.build(target, esd, miniature.Recipe(seed=seed))  # cached now: reads miniature.json
         print(f"miniature {target}: held-out UAR {info['held_out_uar']:.3f} (chance {info['chance']:.2f})", flush=True)
         made[target.name] = target
 
@@ -121,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--n-sentences", type=int, default=N_SENTENCES)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(TRAINING_SEEDS), help="miniature training seeds")
+    ap.add_argument("--jobs", type=int, default=None, help="miniature trainings at once (default: all seeds)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    build_all(Path(a.out), a.force, a.n_sentences, tuple(a.seeds))
+    t0 = time.perf_counter()
+    build_all(Path(a.out), a.force, a.n_sentences, tuple(a.seeds), a.jobs)
+    print(f"tiny setup {a.out}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
 

@@ -55,7 +55,7 @@ class Recipe:
     max_epochs: int = 12
     stop_recall: float = 0.8
     lr: float = 4e-3
-    schedule: str = "constant"  # "cosine": decay to 0 over max_epochs (proposed: constant oscillated, docs section 6)
+    schedule: str = "cosine"  # lr factor per step, `lr_factor` (recipe 3 was "constant": it oscillated, docs 6)
     weight_decay: float = 0.01
     batch: int = 16
     option_seed: int = 0
@@ -148,6 +148,21 @@ class _CachedFeatures:
             feats.append(full)
             masks.append(m)
         return {"input_features": torch.stack(feats), "attention_mask": torch.stack(masks)}
+
+
+def lr_factor(step: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier before optimiser step `step` (0-based) of `total`: "constant" is 1; "cosine"
+    decays from 1 at step 0 to 0 at step `total` (half a cosine period) and stays 0 after it.
+
+    Why: with a constant rate recipe 3 oscillated between emotions from epoch to epoch (docs/miniature.md 6);
+    a decaying rate lets the last epochs settle."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        if total <= 0:
+            raise ValueError(f"cosine schedule needs a positive number of steps, got {total}")
+        return float(0.5 * (1.0 + np.cos(np.pi * min(max(step, 0), total) / total)))
+    raise ValueError(f"Recipe.schedule must be 'cosine' or 'constant', got {schedule!r}")
 
 
 def prosody_targets(wav: np.ndarray, n_frames: int, sr: int = 16000, hop: int = 640) -> np.ndarray:
@@ -264,6 +279,116 @@ def _forward_answer(thinker: Any, inputs: dict[str, Any], gold: Any, im_end: int
     return out.logits[:, -3], out.logits[:, -2]  # predicts the word; predicts <|im_end|>
 
 
+class _Encoded:
+    """Per-utterance inputs of the training loop once the audio encoder is frozen.
+
+    Why: the encoder (with its projection) is frozen after `pretrain_encoder`, so its output for a clip never
+    changes; computing it once per utterance, and the prompt's token ids once per distinct text, leaves the
+    language model's forward and backward as the only per-step work. `batch` rebuilds exactly the adapter's
+    left-padded `input_ids` / `attention_mask` (`QwenOmniAdapter.prepare`); `forward` splices the cached audio
+    embeddings into the token embeddings where `<|AUDIO|>` stands, as the thinker's own forward does, and lets
+    the thinker compute its 3D rope positions from the ids and the feature lengths (tests/test_miniature.py
+    checks both against the full forward)."""
+
+    def __init__(self, adapter: Any, audios: dict[str, np.ndarray]) -> None:
+        self.adapter = adapter
+        self.audios = audios
+        self.audio: dict[str, tuple[Any, int]] = {}  # wav -> (encoder output (n_tokens, hidden), mel frames)
+        self.ids: dict[str, list[int]] = {}  # rendered text -> token ids
+        self.word_id = {w: int(adapter.tokenizer.convert_tokens_to_ids(w)) for w in LABELS}
+        self.im_end = int(adapter.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+    def encode(self, instances: list[Any]) -> None:
+        """Run the frozen encoder once on every clip of `instances` not seen yet (valid frames only)."""
+        import torch
+
+        from ..io import load_audio
+
+        thinker = self.adapter.model.thinker
+        inner = thinker.model if hasattr(thinker.model, "get_audio_features") else thinker
+        fe = self.adapter.feature_extractor
+        with torch.no_grad():
+            for inst in instances:
+                if inst.wav in self.audio:
+                    continue
+                if inst.wav not in self.audios:
+                    self.audios[inst.wav] = load_audio(inst.wav, self.adapter.input_sample_rate)
+                f = fe([self.audios[inst.wav]], sampling_rate=self.adapter.input_sample_rate,
+                       return_attention_mask=True, padding="max_length", return_tensors="pt")
+                n = int(f["attention_mask"].sum())
+                h = inner.get_audio_features(f["input_features"][:, :, :n], torch.ones(1, n, dtype=torch.long))
+                h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h
+                self.audio[inst.wav] = (h.detach(), n)
+
+    def batch(self, instances: list[Any]) -> dict[str, Any]:
+        """Left-padded ids and mask (as the adapter pads), cached audio embeddings, feature lengths, gold ids."""
+        import torch
+
+        from ..models.qwen_omni import num_audio_tokens
+
+        self.encode(instances)
+        rows = []
+        for inst in instances:
+            n = self.audio[inst.wav][1]
+            text = self.adapter.render_prompt(inst.prompt, int(num_audio_tokens(torch.tensor(n))))
+            if text not in self.ids:
+                self.ids[text] = self.adapter.tokenizer(text)["input_ids"]
+            rows.append(self.ids[text])
+        width = max(len(r) for r in rows)
+        pad = self.adapter.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, width - len(r):] = torch.tensor(r)
+            mask[k, width - len(r):] = 1
+        return {
+            "input_ids": ids, "attention_mask": mask,
+            "audio": torch.cat([self.audio[i.wav][0] for i in instances]),
+            "frames": torch.tensor([self.audio[i.wav][1] for i in instances]),
+            "gold": torch.tensor([self.word_id[i.emotion] for i in instances]),
+        }
+
+    def forward(self, batch: dict[str, Any], answer: bool) -> Any:
+        """Logits of the thinker on `batch` (encoder skipped). With `answer`, the gold word and `<|im_end|>` are
+        appended (teacher forcing) and the logits predicting them are returned, shape (2, B, vocab); otherwise
+        the logits of the first generated token, shape (B, vocab)."""
+        import torch
+
+        thinker = self.adapter.model.thinker
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        n = ids.shape[0]
+        if answer:
+            ids = torch.cat([ids, batch["gold"][:, None], torch.full((n, 1), self.im_end)], dim=1)
+            mask = torch.cat([mask, torch.ones(n, 2, dtype=mask.dtype)], dim=1)
+        emb = thinker.get_input_embeddings()(ids)
+        where = (ids == self.adapter.audio_token_id).unsqueeze(-1).expand_as(emb)
+        emb = emb.masked_scatter(where, batch["audio"].to(emb.dtype))
+        frames = batch["frames"]
+        fmask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).long()
+        hidden = thinker.model(input_ids=ids, inputs_embeds=emb, attention_mask=mask, feature_attention_mask=fmask,
+                               use_cache=False).last_hidden_state
+        if answer:
+            return thinker.lm_head(hidden[:, -3:-1]).transpose(0, 1)  # predicts the word; predicts <|im_end|>
+        return thinker.lm_head(hidden[:, -1])
+
+
+    def answers(self, instances: list[Any], batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy first generated token vs the gold word id per instance (what the parser then reads), in
+        batches of similar length; in the order of `instances`."""
+        import torch
+
+        self.encode(instances)
+        order = sorted(range(len(instances)), key=lambda k: (self.audio[instances[k].wav][1], k))
+        pred = np.zeros(len(instances), dtype=np.int64)
+        gold = np.zeros(len(instances), dtype=np.int64)
+        with torch.no_grad():
+            for b0 in range(0, len(order), batch):
+                idx = order[b0 : b0 + batch]
+                b = self.batch([instances[k] for k in idx])
+                pred[idx] = self.forward(b, answer=False).argmax(-1).numpy()
+                gold[idx] = b["gold"].numpy()
+        return pred, gold
+
 def first_step_answers(thinker: Any, batches: Iterable[tuple[Any, Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Greedy first generated token vs the gold word id, per instance (what the parser then reads)."""
     import torch
@@ -311,15 +436,13 @@ def train(out_dir: Path, corpus_dir: Path, recipe: Recipe) -> dict[str, Any]:
         encoder["seconds"] = round(time.perf_counter() - t0, 1)
         log.info("miniature seed %d: encoder pretrained (%s), loss %.3f -> %.3f", recipe.seed, encoder["objective"],
                  encoder["loss_first"], encoder["loss_last"])
+        enc = _Encoded(adapter, audios)
+        enc.encode(train_items)
         params = [p for n, p in thinker.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        if recipe.schedule not in ("cosine", "constant"):
-            raise ValueError(f"Recipe.schedule must be 'cosine' or 'constant', got {recipe.schedule!r}")
         steps = recipe.max_epochs * -(-len(train_items) // recipe.batch)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, (lambda k: 0.5 * (1.0 + np.cos(np.pi * min(k, steps) / steps))) if recipe.schedule == "cosine"
-            else (lambda k: 1.0)
-        )
+        lr_factor(0, steps, recipe.schedule)  # an unknown schedule fails here, before any training
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, recipe.schedule))
         im_end = int(adapter.tokenizer.convert_tokens_to_ids("<|im_end|>"))
         word_ids = np.array([adapter.tokenizer.convert_tokens_to_ids(w) for w in LABELS])
         # the stop rule reads the identification voices with the option order stage 1 uses (salt "")
@@ -333,8 +456,10 @@ def train(out_dir: Path, corpus_dir: Path, recipe: Recipe) -> dict[str, Any]:
                               gen, audios)
             thinker.train()
             losses = []
-            for inputs, gold, _ in _batches(adapter, items, recipe.batch, audios):
-                word_logits, end_logits = _forward_answer(thinker, inputs, gold, im_end)
+            for b0 in range(0, len(items), recipe.batch):
+                b = enc.batch(items[b0 : b0 + recipe.batch])
+                gold = b["gold"]
+                word_logits, end_logits = enc.forward(b, answer=True)
                 loss = torch.nn.functional.cross_entropy(word_logits, gold) + torch.nn.functional.cross_entropy(
                     end_logits, torch.full_like(gold, im_end)
                 )
@@ -344,7 +469,7 @@ def train(out_dir: Path, corpus_dir: Path, recipe: Recipe) -> dict[str, Any]:
                 sched.step()
                 losses.append(float(loss.detach()))
             thinker.eval()
-            tp, tg = first_step_answers(thinker, _batches(adapter, train_items, 32, audios))
+            tp, tg = enc.answers(train_items)
             recall = {w: float(np.mean(tp[tg == i] == i)) for w, i in zip(LABELS, word_ids, strict=True)}
             history.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_recall": recall,
                             "seconds": round(time.perf_counter() - t0, 1)})
@@ -354,8 +479,7 @@ def train(out_dir: Path, corpus_dir: Path, recipe: Recipe) -> dict[str, Any]:
                 stopped = epoch
                 break
         train_s = time.perf_counter() - t0
-        held = _batches(adapter, _instances(corpus_dir, recipe.held_out_speakers, recipe, ""), 32, audios)
-        hp, hg = first_step_answers(thinker, held)
+        hp, hg = enc.answers(_instances(corpus_dir, recipe.held_out_speakers, recipe, ""))
         model.save_pretrained(out_dir)
     finally:
         torch.set_num_threads(threads)
@@ -412,3 +536,11 @@ def build(out_dir: Path, corpus_dir: Path, recipe: Recipe, force: bool = False) 
         flush=True,
     )
     return info
+
+
+def build_seed(out_dir: Path, corpus_dir: Path, seed: int, force: bool = False) -> dict[str, Any]:
+    """`build` of the default recipe for one training seed; the target of the build's worker processes (spawned:
+    a fresh interpreter, so no RNG or thread state is inherited)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return build(out_dir, corpus_dir, Recipe(seed=seed), force=force)

@@ -23,7 +23,7 @@ def gold_prob(df: pd.DataFrame) -> np.ndarray:
 
 
 def run_seed(model_dir: Path, cfg: dict[str, Any], work: Path, *, per_emotion: int, r: float,
-             selectors: tuple[str, ...], random_seeds: int, batch_size: int = 16) -> pd.DataFrame:
+             selectors: tuple[str, ...], random_seeds: int, batch_size: int = 16, reuse: bool = False) -> pd.DataFrame:
     """All evaluation rows of one miniature: baseline and every (selector or control, mask emotion) deactivation.
 
     Columns: id, speaker, emotion (gold), correct, gold_prob, mask (`baseline`, selector, or `random:<sel>:<k>`),
@@ -31,12 +31,12 @@ def run_seed(model_dir: Path, cfg: dict[str, Any], work: Path, *, per_emotion: i
     """
     import torch
 
-    from ..data import build_instances, read_dataset
-    from ..filter import keep
-    from ..generate import load_adapter, run, settings_from, stratified_cap
-    from ..hooks import InterventionSpec
+    from ..interventions import InterventionSpec
     from ..prompts import parse_answer
     from ..selectors import random_control, select
+    from ..stages.filter import keep
+    from ..stages.generate import load_adapter, run, settings_from, stratified_cap
+    from ..stages.prepare import build_instances, read_dataset
     from ..stats import aggregate, load_aggregate
 
     work = Path(work)
@@ -62,8 +62,12 @@ def run_seed(model_dir: Path, cfg: dict[str, Any], work: Path, *, per_emotion: i
 
     # stages 1-3: capture on identification voices, filter on success, aggregate P over the configured spans
     store = work / "stats.zarr"
-    ident_df = judged(run(adapter, ident, settings, out_table=work / "ident.tsv", wav_dir=None, batch_size=batch_size,
-                          stats_out=store))
+    if reuse and (work / "agg.zarr").exists() and (work / "ident.tsv").is_file():
+        # stage 1 of an earlier call completed (its aggregate exists): read its table, keep its store
+        ident_df = judged(pd.read_csv(work / "ident.tsv", sep="\t", keep_default_na=False, dtype={"output_text": str}))
+    else:
+        ident_df = judged(run(adapter, ident, settings, out_table=work / "ident.tsv", wav_dir=None,
+                              batch_size=batch_size, stats_out=store))
     ident_df["success"] = ident_df["correct"]
     fcfg = cfg["filter"]
     kept, summary = keep(ident_df, "ser", labels, int(fcfg["c"]), int(fcfg.get("seed", 0)),
@@ -76,13 +80,11 @@ def run_seed(model_dir: Path, cfg: dict[str, Any], work: Path, *, per_emotion: i
     P = arrays["P"]
 
     scfg = cfg["select"]
-    lape = scfg.get("lape") or {}
-    kw = {"M": arrays.get("M"), "mad_signed": bool(scfg.get("mad_signed", False)),
-          "lape_variant": lape.get("variant", "tang"), "filter_rate": lape.get("filter_rate", 0.95),
-          "top_rate": lape.get("top_rate"), "activation_bar_ratio": lape.get("activation_bar_ratio", 0.95)}
     masks: dict[str, np.ndarray] = {}
     for sel in selectors:
-        masks[sel] = select(P, sel, r, scfg.get("scope", "global"), int(scfg.get("seed", 0)), **kw)
+        # each selector's parameters from `select.<name>`, as the select stage passes them
+        masks[sel] = select(P, sel, r, scfg.get("scope", "global"), int(scfg.get("seed", 0)), M=arrays.get("M"),
+                            **dict(scfg.get(sel) or {}))
         for k in range(random_seeds):
             masks[f"random:{sel}:{k}"] = random_control(masks[sel], k, match=(scfg.get("random") or {}).get("match", "layers"),
                                                         stream=sel)
@@ -199,7 +201,7 @@ def evaluate_declared(repo: Path, work: Path, seeds: list[int] | None = None, re
             idents[seed] = json.loads((d / "ident.json").read_text())
         else:
             res = run_seed(repo / ".tiny" / f"qwen-seed{seed}", cfg, d, per_emotion=int(t["eval_per_emotion"]),
-                           r=float(t["r"]), selectors=sels, random_seeds=int(t["random_seeds"]))
+                           r=float(t["r"]), selectors=sels, random_seeds=int(t["random_seeds"]), reuse=reuse)
             res.to_csv(d / "rows.tsv", sep="\t", index=False)
             idents[seed] = {"ident": res.attrs["ident"], "mask_sizes": res.attrs["mask_sizes"],
                             "ident_uar": res.attrs["ident_uar"]}
