@@ -132,6 +132,35 @@ def test_emobox_fingerprint_covers_the_audio_files(tmp_path):
     assert C.dataset_fingerprint(cfg) != fp
 
 
+def test_emobox_fingerprint_checks_each_audio_file_once(tmp_path, monkeypatch):
+    """Existence is read once per listed file: a second check after hashing could disagree with the first
+    (a file removed meanwhile) and misalign the digests with the manifest's order."""
+    from pathlib import Path
+
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, np.full(1600, 0.2, np.float32), 16000)
+    lines = [json.dumps({"key": k, "wav": f"{k}.wav", "emo": "ang"}) for k in ("a", "b", "gone")]
+    (tmp_path / "ident.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text(lines[0] + "\n")
+    cfg = {"format": "emobox", "ident_manifest": str(tmp_path / "ident.jsonl"),
+           "eval_manifest": str(tmp_path / "eval.jsonl"), "emotions": {"ang": "angry"}}
+    calls: list[str] = []
+    real = Path.is_file
+
+    def spy(self):
+        calls.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", spy)
+    C.clear_caches()
+    fp = C.dataset_fingerprint(cfg)
+    wav_calls = [c for c in calls if c.endswith(".wav")]
+    assert sorted(wav_calls) == ["a.wav", "a.wav", "b.wav", "gone.wav"], wav_calls  # a.wav is in both manifests
+    monkeypatch.setattr(Path, "is_file", real)
+    C.clear_caches()
+    assert C.dataset_fingerprint(cfg) == fp
+
+
 def test_every_stage_together_parses_each_file_once(monkeypatch):
     """The stages' closures overlap (config, io, ...): a dry run hashing all of them parses each file once."""
     from emotion_neurons.models import available

@@ -27,25 +27,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .io import files_under
+
 log = logging.getLogger(__name__)
 
 
-def _files(root: Path) -> Iterable[Path]:
-    if root.is_file():
-        yield root
-    elif root.is_dir():
-        yield from (p for p in root.rglob("*") if p.is_file())
-
-
 def _size(entry: Path) -> int:
-    return sum(f.stat().st_size for f in _files(entry))
+    return sum(f.stat().st_size for f in files_under(entry))
 
 
 def linked_inodes(roots: Iterable[str | os.PathLike]) -> set[tuple[int, int]]:
     """(device, inode) of every file under `roots` (missing roots are skipped: a job not run yet)."""
     out: set[tuple[int, int]] = set()
     for root in roots:
-        for f in _files(Path(root)):
+        for f in files_under(Path(root)):
             st = f.stat()
             out.add((st.st_dev, st.st_ino))
     return out
@@ -61,7 +56,7 @@ def unused_entries(cache: str | os.PathLike, live: set[tuple[int, int]]) -> list
     for entry in sorted(cache.iterdir()):
         if entry.name.startswith("."):
             continue
-        if not any((st.st_dev, st.st_ino) in live for st in (f.stat() for f in _files(entry))):
+        if not any((st.st_dev, st.st_ino) in live for st in (f.stat() for f in files_under(entry))):
             out.append(entry)
     return out
 

@@ -164,14 +164,6 @@ def _hash_cache_file() -> Path:
 HASH_CACHE_VERSION = 2
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_digests(paths: list[str], stats: list[os.stat_result] | None = None) -> list[str]:
     """sha256 of each file's bytes (absolute paths), cached on disk by (path, size, mtime_ns).
 
@@ -182,6 +174,8 @@ def _file_digests(paths: list[str], stats: list[os.stat_result] | None = None) -
     them by absolute path, not by resolved path: resolving 17,500 paths cost 4 s of a dry run (issue 8
     profile). A file rewritten with its old size AND its old modification time (`touch -r`) is not noticed.
     """
+    from .io import file_sha
+
     cache_file = _hash_cache_file()
     with _hash_lock:
         try:
@@ -198,7 +192,7 @@ def _file_digests(paths: list[str], stats: list[os.stat_result] | None = None) -
             if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
                 out.append(hit[2])
                 continue
-            digest = _sha256_file(f)
+            digest = file_sha(f)
             entries[name] = [st.st_size, st.st_mtime_ns, digest]
             out.append(digest)
             dirty = True
@@ -288,10 +282,12 @@ def _dataset_fingerprint(dcfg_json: str, _cache_file: str) -> str:
                 continue
             h.update(p.read_bytes())
             audio = _emobox_audio(p, dcfg)
-            present = [os.path.abspath(f) for f in audio if f.is_file()]
-            digests = iter(_file_digests(present))
-            for f in audio:  # the manifest fixes the order; a missing file hashes as such (prepare reports it)
-                h.update((next(digests) if f.is_file() else "missing").encode())
+            # one existence check per file: checking again after hashing could disagree with the first
+            # (a file removed meanwhile) and misalign the digests with the manifest's order
+            exists = [f.is_file() for f in audio]
+            digests = iter(_file_digests([os.path.abspath(f) for f, e in zip(audio, exists, strict=True) if e]))
+            for e in exists:  # the manifest fixes the order; a missing file hashes as such (prepare reports it)
+                h.update((next(digests) if e else "missing").encode())
     return h.hexdigest()[:16]
 
 

@@ -19,38 +19,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .io import file_sha, files_under
+
 log = logging.getLogger(__name__)
-
-
-def file_sha(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_sha(root: str | os.PathLike) -> str:
     """Hash of every file under `root` (relative names and bytes), in a fixed order."""
     root = Path(root)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in files_under(root):
         h.update(str(f.relative_to(root)).encode() + b"\0" + file_sha(f).encode())
     return h.hexdigest()
 
 
 def link_tree(src: Path, dst: Path) -> None:
     """Hard-link (copy where linking fails, e.g. across file systems) the files of `src` into `dst`."""
-    if src.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    for f in files_under(src):
+        target = dst if f == src else dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(src, dst)
+            os.link(f, target)
         except OSError:
-            shutil.copy2(src, dst)
-        return
-    for f in sorted(src.rglob("*")):
-        if f.is_file():
-            link_tree(f, dst / f.relative_to(src))
+            shutil.copy2(f, target)
 
 
 def result_params(cp: dict[str, Any]) -> dict[str, Any]:

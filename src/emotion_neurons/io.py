@@ -7,6 +7,7 @@ file that Snakemake would trust. Audio problems raise `AudioError` naming the fi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -66,6 +67,25 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (corpus fingerprints, result-cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_under(root: str | os.PathLike) -> Iterator[Path]:
+    """`root` itself if it is a file, else every file below it in sorted order (nothing if it is missing):
+    the one tree walk behind tree hashes, result linking and cache garbage collection."""
+    root = Path(root)
+    if root.is_file():
+        yield root
+    elif root.is_dir():
+        yield from sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -231,8 +231,8 @@ def metric_idents(task):
 def dataset_transfer_spec(task):
     """What the sweep of `task` needs for metrics/dataset_transfer.tsv: per pair (and the task's own dataset
     with itself), the metrics folder of its setting (the task's own primary one for its dataset with itself),
-    and the selector masks (primary setting)
-    of every dataset the task identifies on (its own and each pair's source), for the mask overlap."""
+    and the selector masks (primary setting) of every dataset the task identifies on (its own and each pair's
+    source), for the mask overlap."""
     pairs = []
     own = UNITS[task][1]
     # the task's own dataset with itself (its in-dataset numbers, no extra job) is the matrix's diagonal

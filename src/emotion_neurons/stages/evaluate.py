@@ -227,7 +227,8 @@ def evaluate_group(
     (and, for interventions that need M, the condition's `aggregate` or else `<source_task>/aggregate/<ident>.zarr`) are relative to
     `run_dir`."""
     from ..config import dumps, short_hash
-    from ..group import check_unique, file_sha, link_tree, result_params
+    from ..group import check_unique, link_tree, result_params
+    from ..io import file_sha
     from ..interventions import INTERVENTIONS
 
     conds = p["conditions"]
