@@ -228,8 +228,8 @@ def evaluate_group(
     `run_dir`."""
     from ..config import dumps, short_hash
     from ..group import check_unique, link_tree, result_params
-    from ..io import file_sha
     from ..interventions import INTERVENTIONS
+    from ..io import file_sha
 
     conds = p["conditions"]
     check_unique(conds, "evaluate group params")
